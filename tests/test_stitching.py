@@ -1,0 +1,94 @@
+"""Stitching: pixel-edge polygons, the owner rule, measurements."""
+
+from __future__ import annotations
+
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+
+from wsiseg.models.protocols import TileMasks
+from wsiseg.stitching import FrameTransform, stitch_tile, trace_outline
+
+
+def test_traced_outline_follows_pixel_edges_exactly() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = ndi.binary_fill_holes(ndi.binary_opening(rng.random((14, 14)) < 0.6))
+        lab, n = ndi.label(m)
+        if n == 0:
+            continue
+        m = lab == 1 + int(np.argmax(ndi.sum(m, lab, range(1, n + 1))))
+        ring = trace_outline(m)
+        poly = shapely.Polygon(ring)
+        assert poly.is_valid
+        assert poly.area == m.sum()
+        step = np.diff(np.vstack([ring, ring[:1]]), axis=0)
+        assert ((step[:, 0] == 0) | (step[:, 1] == 0)).all()
+
+
+def test_square_outline_is_its_four_corners() -> None:
+    m = np.zeros((6, 6), bool)
+    m[1:4, 2:5] = True
+    ring = trace_outline(m)
+    assert {tuple(p) for p in ring} == {(2, 1), (5, 1), (5, 4), (2, 4)}
+
+
+def _disk(shape: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+
+
+def test_higher_iou_wins_overlapping_pixels_and_context_prompts_are_not_emitted() -> None:
+    shape = (64, 64)
+    a, b, c = _disk(shape, 20, 32, 10), _disk(shape, 34, 32, 10), _disk(shape, 55, 10, 5)
+    masks = TileMasks.from_dense(np.stack([a, b, c]), np.array([0.9, 0.95, 0.99], np.float32))
+    table = stitch_tile(
+        tile_origin_px=(100, 200),
+        tile_shape=shape,
+        masks=masks,
+        n_owned=2,
+        prompt_ids=np.array([5, 6, 7]),
+        prompt_score=np.array([0.5, 0.6, 0.7], np.float32),
+        prompt_class=np.array([0, 1, 0]),
+        hematoxylin_od=np.ones(shape, np.float32),
+        transform=FrameTransform(scale=2.0, mpp=0.5),
+    )
+    assert len(table) == 2
+    polys = table.polygons()
+    # b (iou .95) keeps its whole disk; a loses the shared pixels
+    assert polys[1].area == b.sum() * 4
+    assert polys[0].area == (a & ~b).sum() * 4
+    assert not polys[0].intersection(polys[1]).area
+    # level-0 = (tile origin + px) * scale
+    assert polys[1].bounds[0] == (100 + np.flatnonzero(b.any(0))[0]) * 2
+    np.testing.assert_allclose(table.measurements["area_um2"], [(a & ~b).sum() * 0.25, b.sum() * 0.25])
+    assert table.class_id.tolist() == [0, 1]
+    np.testing.assert_allclose(table.measurements["score"], [0.5, 0.6])
+    np.testing.assert_allclose(table.measurements["hematoxylin_od_mean"], [1, 1])
+
+
+def test_disk_measurements_are_those_of_a_disk() -> None:
+    shape = (80, 80)
+    m = _disk(shape, 40, 40, 15)
+    table = stitch_tile(
+        tile_origin_px=(0, 0), tile_shape=shape, masks=TileMasks.from_dense(m[None], np.ones(1)),
+        n_owned=1, prompt_ids=np.array([0]), prompt_score=np.ones(1, np.float32), prompt_class=np.array([-1]),
+        hematoxylin_od=np.zeros(shape, np.float32), transform=FrameTransform(1.0, 1.0),
+    )
+    meas = {k: float(v[0]) for k, v in table.measurements.items()}
+    assert abs(meas["major_axis_um"] - 30) < 1.5 and abs(meas["minor_axis_um"] - 30) < 1.5
+    assert meas["eccentricity"] < 0.2
+    assert 0.95 < meas["solidity"] <= 1.0
+    assert table.touches_edge.tolist() == [False]
+
+
+def test_mask_reaching_the_tile_edge_is_kept_and_flagged() -> None:
+    shape = (32, 32)
+    m = _disk(shape, 3, 16, 6)
+    table = stitch_tile(
+        tile_origin_px=(0, 0), tile_shape=shape, masks=TileMasks.from_dense(m[None], np.ones(1)),
+        n_owned=1, prompt_ids=np.array([0]), prompt_score=np.ones(1, np.float32), prompt_class=np.array([0]),
+        hematoxylin_od=np.zeros(shape, np.float32), transform=FrameTransform(1.0, 1.0),
+    )
+    assert table.touches_edge.tolist() == [True]
+    assert table.area_px[0] == m.sum()

@@ -1,0 +1,521 @@
+"""One slide, end to end.  The only module that knows every stage.
+
+    slide -> reader -> tissue -> prompter tiles -> global prompt set (point NMS)
+          -> segmentor tiles (owned prompts + negatives) -> stitch -> writers
+
+Coordinates: stages work in the *working frame* (pixels at the model's mpp, from
+ScaledSlide); everything stored is level-0 (l0 = working * scale).  Tasks carry batches of
+tiles and run wherever the Runner puts them; models and slides are opened once per worker
+process and cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from wsiseg._version import __version__
+from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
+from wsiseg.nuclei import NucleusTable
+from wsiseg.prompts import SegmentorJob, build_segmentor_jobs, point_nms
+from wsiseg.scheduling import Runner, SchedulerConfig
+from wsiseg.tiling import TilePlan, plan_prompter_tiles, plan_segmentor_tiles
+
+log = logging.getLogger(__name__)
+
+GEOJSON_FORMATS = ("gz", "geojson", "zip")
+STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run's result, plus how it is scheduled."""
+
+    model: str = "classical"
+    prompter: str | None = None
+    prompts_file: Path | None = None
+    tile_size_px: int = 256
+    overlap_px: int = 64
+    mpp: float | None = None
+    tissue_detection: bool = True
+    roi: Path | None = None
+    geojson_format: str = "gz"
+    write_labels: bool = True
+    device: str = "cpu"
+    k_negatives: int | None = None
+    batch_tiles: int = 8
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.tile_size_px < 64:
+            raise ValueError(f"--tile-size must be >= 64, got {self.tile_size_px}")
+        if self.geojson_format not in GEOJSON_FORMATS:
+            raise ValueError(f"--geojson-format must be one of {GEOJSON_FORMATS}, got {self.geojson_format!r}")
+        if self.mpp is not None and not 0.01 < self.mpp < 100:
+            raise ValueError(f"--mpp must be a resolution in µm per pixel (e.g. 0.25), got {self.mpp}")
+        if self.batch_tiles < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_tiles}")
+        if self.k_negatives is not None and self.k_negatives < 0:
+            raise ValueError(f"--k-negatives must be >= 0, got {self.k_negatives}")
+
+    def parameters(self) -> dict[str, Any]:
+        """The result-deciding parameters, JSON-ready (for provenance and the report)."""
+        d = asdict(self)
+        d.pop("scheduler")
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+@dataclass
+class SlideResult:
+    slide: Path
+    geojson: Path
+    zarr: Path
+    report: Path
+    report_html: Path
+    n_nuclei: int
+    report_data: dict[str, Any]
+
+
+ProgressFn = Callable[[str, int, int, int], None]
+"""progress(stage, done, total, nuclei_so_far)."""
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker builds the models: names/paths, not objects (cheap to ship)."""
+
+    model: str
+    prompter: str | None
+    device: str
+    k_negatives: int | None
+
+    def load(self) -> tuple[Prompter | None, Segmentor]:
+        key = ("models", self)
+        if key not in _WORKER_CACHE:
+            _WORKER_CACHE[key] = _load_models(self)
+        return _WORKER_CACHE[key]
+
+
+def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
+    from wsiseg.models import load_prompter, load_segmentor
+
+    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
+    prompter_name = spec.prompter or spec.model
+    try:
+        prompter = load_prompter(prompter_name, device=spec.device)
+    except LookupError:
+        prompter = None  # a segmentor-only bundle: prompts must come from --prompter or --prompts
+    return prompter, segmentor
+
+
+_WORKER_CACHE: dict[Any, Any] = {}
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """How a worker opens the slide at the working mpp."""
+
+    path: Path
+    mpp_override: float | None
+    target_mpp: float
+
+    def open(self) -> Any:
+        key = ("slide", self)
+        if key not in _WORKER_CACHE:
+            from wsiseg.readers import open_slide
+            from wsiseg.readers.scaled import ScaledSlide
+
+            reader = open_slide(self.path, mpp=self.mpp_override)
+            _WORKER_CACHE[key] = ScaledSlide(reader, self.target_mpp)
+        return _WORKER_CACHE[key]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _prompter_batch(
+    tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSpec
+) -> tuple[PointSet, dict[str, float]]:
+    """Points owned by each prompter tile of the batch, in the working frame."""
+    t0 = time.perf_counter()
+    slide = slide_spec.open()
+    prompter, _ = model_spec.load()
+    assert prompter is not None
+    images = np.stack([slide.read(t.x0, t.y0, t.size, t.size) for t in tiles])
+    t1 = time.perf_counter()
+    found = prompter.predict_points(images)
+    t2 = time.perf_counter()
+    out = []
+    for t, pts in zip(tiles, found):
+        pts = PointSet(pts.xy + np.array([t.x0, t.y0], np.float32), pts.score, pts.class_id)
+        out.append(pts.take(t.owns(pts.xy)))
+    return PointSet.concat(out), {"read": t1 - t0, "model": t2 - t1, "post": time.perf_counter() - t2}
+
+
+def _segmentor_batch(
+    jobs: Sequence[SegmentorJob], slide_spec: SlideSpec, model_spec: ModelSpec
+) -> tuple[NucleusTable, dict[str, float]]:
+    """Finished nuclei (level-0) owned by the batch's segmentor tiles."""
+    from wsiseg.stain import hematoxylin_od
+    from wsiseg.stitching import FrameTransform, stitch_tile
+
+    t0 = time.perf_counter()
+    slide = slide_spec.open()
+    _, segmentor = model_spec.load()
+    images = np.stack([slide.read(j.tile.x0, j.tile.y0, j.tile.size, j.tile.size) for j in jobs])
+    t1 = time.perf_counter()
+    masks = segmentor.segment_tiles(images, [j.prompts for j in jobs])
+    t2 = time.perf_counter()
+    transform = FrameTransform(scale=slide.scale, mpp=slide_spec.target_mpp * 1.0)
+    tables = []
+    for job, image, tile_masks in zip(jobs, images, masks):
+        tables.append(
+            stitch_tile(
+                tile_origin_px=(job.tile.x0, job.tile.y0),
+                tile_shape=image.shape[:2],
+                masks=tile_masks,
+                n_owned=job.n_owned,
+                prompt_ids=job.prompt_ids,
+                prompt_score=job.score,
+                prompt_class=job.class_id,
+                hematoxylin_od=hematoxylin_od(image),
+                transform=transform,
+            )
+        )
+    t3 = time.perf_counter()
+    return NucleusTable.concat(tables), {"read": t1 - t0, "model": t2 - t1, "post": t3 - t2}
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_slide(
+    slide_path: Path | str,
+    out_dir: Path | str,
+    config: RunConfig = RunConfig(),
+    *,
+    runner: Runner | None = None,
+    progress: ProgressFn | None = None,
+) -> SlideResult:
+    """Segment every nucleus of one slide and write `<stem>.geojson.gz`, `.zarr`, `.report.json`."""
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if runner is None:
+            runner = stack.enter_context(Runner(config.scheduler))
+        return _run(slide_path, out_dir, config, runner, progress or (lambda *a: None))
+
+
+def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, progress: ProgressFn) -> SlideResult:
+    from wsiseg.readers import open_slide, require_mpp
+    from wsiseg.readers.scaled import ScaledSlide
+
+    timings: dict[str, float] = {s: 0.0 for s in STAGES}
+    work: dict[str, float] = {"read": 0.0, "model": 0.0, "post": 0.0}
+    t_start = time.perf_counter()
+
+    # -- open
+    reader = open_slide(slide_path, mpp=config.mpp)
+    props = reader.properties
+    slide_mpp = require_mpp(props, slide_path)
+    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives)
+    prompter, segmentor = model_spec.load()
+    classes = _classes(prompter)
+    if prompter is None and config.prompts_file is None:
+        raise ValueError(
+            f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
+        )
+    tile_px = _tile_size(config, segmentor)
+    scaled = ScaledSlide(reader, segmentor.mpp)
+    slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp)
+    _WORKER_CACHE[("slide", slide_spec)] = scaled
+    width, height = scaled.size_px
+    timings["open"] = time.perf_counter() - t_start
+
+    # -- tissue
+    t = time.perf_counter()
+    tissue = _tissue(reader, config, slide_mpp)
+    timings["tissue"] = time.perf_counter() - t
+
+    # -- prompter
+    t = time.perf_counter()
+    if config.prompts_file is not None:
+        from wsiseg.models.prompters.file_prompts import read_prompt_file
+
+        pts_l0 = read_prompt_file(config.prompts_file)
+        points = PointSet(scaled.from_l0(pts_l0.xy), pts_l0.score, pts_l0.class_id)
+        nms_radius = 0.0
+        n_prompter_tiles = 0
+    else:
+        assert prompter is not None
+        if config.overlap_px // 2 < prompter.context_px:
+            log.info(
+                "overlap %d px is less than twice the prompter's context (%d px): points near tile "
+                "cores may differ slightly from an untiled run",
+                config.overlap_px,
+                prompter.context_px,
+            )
+        pplan = plan_prompter_tiles(width, height, tile_px, config.overlap_px)
+        ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if _tile_in_tissue(s, tissue, scaled)]
+        n_prompter_tiles = len(ptiles)
+        found: list[PointSet] = []
+        done = 0
+        for pts, tm in runner.map_ordered(_prompter_batch, _batches(ptiles, config.batch_tiles), slide_spec, model_spec):
+            found.append(pts)
+            _add(work, tm)
+            done += min(config.batch_tiles, n_prompter_tiles - done)
+            progress("prompter", done, n_prompter_tiles, sum(len(f) for f in found))
+        points = PointSet.concat(found)
+        nms_radius = prompter.nms_radius_px
+    timings["prompter"] = time.perf_counter() - t
+
+    # -- merge into one global prompt set
+    t = time.perf_counter()
+    n_raw = len(points)
+    if len(points):
+        inside = tissue.contains_points_l0(scaled.to_l0(points.xy)) if config.prompts_file is None else (
+            (points.xy[:, 0] >= 0) & (points.xy[:, 1] >= 0) & (points.xy[:, 0] < width) & (points.xy[:, 1] < height)
+        )
+        points = points.take(inside)
+    points = point_nms(points, nms_radius)
+    timings["merge"] = time.perf_counter() - t
+
+    # -- segmentor + stitch, streamed into the writers
+    t = time.perf_counter()
+    halo = max(config.overlap_px // 2, segmentor.max_nucleus_diameter_px, int(getattr(segmentor, "halo_px", 0)))
+    splan = plan_segmentor_tiles(width, height, tile_px, halo)
+    jobs = build_segmentor_jobs(
+        points, splan, k_negatives=segmentor.k_negatives, context_px=segmentor.max_nucleus_diameter_px
+    )
+    stem = _stem(slide_path)
+    geojson_path = out_dir / (stem + {"gz": ".geojson.gz", "geojson": ".geojson", "zip": ".geojson.zip"}[config.geojson_format])
+    zarr_path = out_dir / f"{stem}.zarr"
+    provenance = _provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
+    writers = _open_writers(geojson_path, zarr_path, config, props, classes, provenance, slide_mpp)
+    n_nuclei = n_edge = 0
+    try:
+        done = 0
+        for table, tm in runner.map_ordered(_segmentor_batch, _batches(jobs, config.batch_tiles), slide_spec, model_spec):
+            _add(work, tm)
+            tw = time.perf_counter()
+            for w in writers:
+                w.write(table)
+            timings["write"] += time.perf_counter() - tw
+            n_nuclei += len(table)
+            n_edge += int(table.touches_edge.sum())
+            done += min(config.batch_tiles, len(jobs) - done)
+            progress("segmentor", done, len(jobs), n_nuclei)
+        timings["segmentor"] = time.perf_counter() - t - timings["write"]
+        tw = time.perf_counter()
+        report = _report(
+            slide_path, props, config, segmentor, prompter, scaled, timings, work, t_start,
+            n_prompter_tiles=n_prompter_tiles, n_segmentor_tiles=len(jobs), n_raw=n_raw,
+            n_prompts=len(points), n_nuclei=n_nuclei, n_edge=n_edge, halo=halo,
+        )
+        geojson_writer, zarr_writer = writers
+        geojson_writer.close()
+        zarr_writer.close(extra_attributes={"report": report})
+        timings["write"] += time.perf_counter() - tw
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
+    report_path = out_dir / f"{stem}.report.json"
+    html_path = out_dir / f"{stem}.report.html"
+    _write_reports(report_path, html_path, report, reader, zarr_path)
+    if n_edge:
+        log.warning("%s: %d nuclei reached their tile's outer edge (see report)", slide_path.name, n_edge)
+    return SlideResult(slide_path, geojson_path, zarr_path, report_path, html_path, n_nuclei, report)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _add(acc: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        acc[k] = acc.get(k, 0.0) + v
+
+
+def _classes(prompter: Prompter | None) -> tuple[NucleusClass, ...]:
+    from wsiseg.models.protocols import NUCLEUS
+
+    classes = tuple(getattr(prompter, "classes", ()) or ())
+    return classes or (NUCLEUS,)
+
+
+def _tile_size(config: RunConfig, segmentor: Segmentor) -> int:
+    want = segmentor.input_size_px
+    if want is not None and want != config.tile_size_px:
+        raise ValueError(
+            f"model {config.model!r} takes {want} px tiles; run with --tile-size {want} (got {config.tile_size_px})"
+        )
+    return config.tile_size_px
+
+
+def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:
+    from wsiseg.tissue import TissueMask, detect_tissue, roi_from_geojson
+
+    w, h = reader.properties.size_l0
+    if config.tissue_detection:
+        thumb, downsample = reader.thumbnail(2048)
+        mask = detect_tissue(thumb, downsample, mpp_l0=slide_mpp)
+    else:
+        mask = TissueMask.full(w, h)
+    if config.roi is not None:
+        roi = roi_from_geojson(config.roi)
+        mask = mask.restrict_to(roi)
+    return mask
+
+
+def _tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:
+    s = scaled.scale
+    x0 = max(spec.own_x0, spec.x0) if math.isfinite(spec.own_x0) else spec.x0
+    y0 = max(spec.own_y0, spec.y0) if math.isfinite(spec.own_y0) else spec.y0
+    x1 = spec.own_x1 if math.isfinite(spec.own_x1) else spec.x0 + spec.size
+    y1 = spec.own_y1 if math.isfinite(spec.own_y1) else spec.y0 + spec.size
+    return bool(tissue.intersects_box_l0(x0 * s, y0 * s, x1 * s, y1 * s))
+
+
+def _provenance(
+    slide_path: Path, props: Any, slide_mpp: float, scale: float, config: RunConfig,
+    segmentor: Segmentor, prompter: Prompter | None, classes: Sequence[NucleusClass],
+) -> dict[str, Any]:
+    size = slide_path.stat().st_size
+    bounds = props.bounds_l0
+    return {
+        "format_version": 1,
+        "tool": "wsiseg",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": str(uuid.uuid4()),
+        "source": {
+            "path": str(slide_path.resolve()),
+            "file_size": size,
+            "reader": props.reader,
+            "vendor": props.vendor,
+            "width": props.size_l0[0],
+            "height": props.size_l0[1],
+            "mpp": slide_mpp,
+            "objective_power": props.objective_power,
+            "bounds": list(bounds) if bounds else None,
+        },
+        "coordinate_frame": {
+            "space": "level0_pixels",
+            "origin": "openslide_level0_top_left",
+            "y_axis": "down",
+            "pixel_convention": "edge",
+            "qupath_offset": [bounds[0], bounds[1]] if bounds else [0, 0],
+        },
+        "model": {
+            "segmentor": getattr(segmentor, "name", type(segmentor).__name__),
+            "prompter": getattr(prompter, "name", None) if prompter else None,
+            "sha256": getattr(segmentor, "sha256", None),
+            "mpp": segmentor.mpp,
+            "working_scale": scale,
+        },
+        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
+        "parameters": config.parameters(),
+    }
+
+
+def _open_writers(
+    geojson_path: Path, zarr_path: Path, config: RunConfig, props: Any,
+    classes: Sequence[NucleusClass], provenance: dict[str, Any], slide_mpp: float,
+) -> list[Any]:
+    from wsiseg.writers.geojson import GeoJSONWriter
+    from wsiseg.writers.zarr_store import ZarrWriter
+
+    bounds = props.bounds_l0
+    offset = (float(bounds[0]), float(bounds[1])) if bounds else (0.0, 0.0)
+    gj = GeoJSONWriter(
+        geojson_path,
+        fmt=config.geojson_format,
+        classes=classes,
+        offset_l0=offset,
+        foreign_members={"wsiseg": {"version": __version__, "qupath_offset": list(offset),
+                                    "source": provenance["source"]["path"]}},
+    )
+    zw = ZarrWriter(
+        zarr_path,
+        width=props.size_l0[0],
+        height=props.size_l0[1],
+        classes=classes,
+        provenance=provenance,
+        label_mpp=(slide_mpp, slide_mpp),
+        write_labels=config.write_labels,
+    )
+    return [gj, zw]
+
+
+def _report(
+    slide_path: Path, props: Any, config: RunConfig, segmentor: Segmentor, prompter: Prompter | None,
+    scaled: Any, timings: dict[str, float], work: dict[str, float], t_start: float, **counts: int,
+) -> dict[str, Any]:
+    wall = time.perf_counter() - t_start
+    return {
+        "slide": str(slide_path),
+        "wsiseg_version": __version__,
+        "reader": props.reader,
+        "vendor": props.vendor,
+        "size_l0": list(props.size_l0),
+        "mpp": props.mpp[0] if props.mpp else config.mpp,
+        "model": {
+            "segmentor": getattr(segmentor, "name", "?"),
+            "prompter": getattr(prompter, "name", None) if prompter else "file",
+            "mpp": segmentor.mpp,
+            "working_scale": scaled.scale,
+        },
+        "counts": {
+            "prompter_tiles": counts["n_prompter_tiles"],
+            "segmentor_tiles": counts["n_segmentor_tiles"],
+            "points_raw": counts["n_raw"],
+            "prompts": counts["n_prompts"],
+            "nuclei": counts["n_nuclei"],
+            "nuclei_touching_tile_edge": counts["n_edge"],
+            "halo_px": counts["halo"],
+        },
+        "task_time_s": {k: round(v, 4) for k, v in work.items()},
+        "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall, 1e-9), 4),
+        "parameters": config.parameters(),
+    }
+
+
+def _write_reports(report_path: Path, html_path: Path, report: dict[str, Any], reader: Any, zarr_path: Path) -> None:
+    from wsiseg.writers.report import write_report, write_report_html
+
+    write_report(report_path, report)
+    try:
+        thumb, downsample = reader.thumbnail(1024)
+        from wsiseg.writers.zarr_store import open_nuclei
+
+        store = open_nuclei(zarr_path)
+        table = store.table()
+        write_report_html(html_path, report, thumb, table.centroid_l0 / downsample, table.class_id)
+    except Exception as exc:  # the HTML page is a convenience; never fail a finished run for it
+        log.warning("could not write %s: %s", html_path, exc)

@@ -1,0 +1,135 @@
+"""Where the work runs: in this process, on a local Dask cluster, or on an existing scheduler.
+
+`Runner.map_ordered(fn, items)` submits one task per item with at most `max_in_flight`
+tasks outstanding and yields results in submission order, so memory stays bounded by the
+window whatever the slide size, and downstream writers see a deterministic order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """scheduler: None for a LocalCluster, "synchronous" for in-process, or a tcp:// address.
+
+    workers: LocalCluster worker processes (default: the machine's cores).
+    gpus: when > 0, the LocalCluster gets one extra single-threaded worker per GPU, with
+        `CUDA_VISIBLE_DEVICES` set and a `GPU` resource that model tasks request.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    gpus: int = 0
+    max_in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.gpus < 0:
+            raise ValueError(f"--gpus must be >= 0, got {self.gpus}")
+        s = self.scheduler
+        if s is not None and s != "synchronous" and "://" not in s:
+            raise ValueError(f"--scheduler must be 'synchronous' or an address like tcp://host:8786, got {s!r}")
+
+
+class Runner:
+    """Runs tasks; use as a context manager so a LocalCluster is shut down."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._client: Any = None
+        self._cluster: Any = None
+        self.n_workers = 1
+
+    def __enter__(self) -> Runner:
+        cfg = self.config
+        if cfg.scheduler == "synchronous":
+            return self
+        from dask.distributed import Client, LocalCluster
+
+        if cfg.scheduler is None:
+            n = cfg.workers or max(1, os.cpu_count() or 1)
+            self._cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=cfg.threads_per_worker,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+            )
+            if cfg.gpus:
+                self._add_gpu_workers(cfg.gpus)
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(cfg.scheduler, timeout="20s")
+        self.n_workers = max(1, len(self._client.scheduler_info().get("workers", {})))
+        log.info("Dask client %s with %d workers", self._client, self.n_workers)
+        return self
+
+    def _add_gpu_workers(self, gpus: int) -> None:
+        # One worker per GPU, each seeing only its own device; model tasks ask for resources={"GPU": 1}.
+        from dask.distributed import Nanny
+
+        for gpu in range(gpus):
+            self._cluster.worker_spec[f"gpu-{gpu}"] = {
+                "cls": Nanny,
+                "options": {
+                    "nthreads": 1,
+                    "resources": {"GPU": 1},
+                    "env": {"CUDA_VISIBLE_DEVICES": str(gpu)},
+                },
+            }
+        self._cluster.scale(len(self._cluster.worker_spec))
+        self._cluster.sync(self._cluster._correct_state)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    @property
+    def distributed(self) -> bool:
+        return self._client is not None
+
+    def map_ordered(
+        self,
+        fn: Callable[..., R],
+        items: Iterable[T],
+        *args: Any,
+        resources: dict[str, float] | None = None,
+    ) -> Iterator[R]:
+        """fn(item, *args) for each item, results yielded in item order, bounded in flight."""
+        if self._client is None:
+            for item in items:
+                yield fn(item, *args)
+            return
+        window = self.config.max_in_flight or 2 * self.n_workers + 1
+        pending: deque[Any] = deque()
+        scattered = [self._client.scatter(a, broadcast=True) if _is_large(a) else a for a in args]
+        try:
+            for item in items:
+                pending.append(self._client.submit(fn, item, *scattered, pure=False, resources=resources))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _is_large(obj: Any) -> bool:
+    """Objects worth scattering once instead of shipping with every task (e.g. the prompt set)."""
+    return hasattr(obj, "nbytes_estimate") and obj.nbytes_estimate() > 1_000_000

@@ -1,0 +1,160 @@
+"""From one segmentor tile's masks to finished nuclei: overlap resolution, polygons, measurements.
+
+The owner rule: where masks claim the same pixel, the higher predicted IoU wins (ties go to
+the lower global prompt index, i.e. the higher prompter score).  Context prompts (owned by a
+neighbouring tile) take part in that contest but are not emitted here; their owner emits them.
+Polygons trace pixel edges (pixel (i, j) covers [j, j+1) x [i, i+1)), so a polygon's area
+equals its pixel count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+
+from wsiseg.models.protocols import TileMasks
+from wsiseg.nuclei import NucleusTable
+
+_EMPTY_RING = np.zeros((0, 2), np.int64)
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """Working frame -> level-0: l0 = (tile_origin + px) * scale; mpp of a working pixel."""
+
+    scale: float
+    mpp: float
+
+
+def trace_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixel-edge outline of the largest 8-connected blob of a 2-D bool mask.
+
+    Returns (k, 2) int64 vertices (x, y) in the mask's pixel-edge frame, not closed, corners
+    only.  Uses a 2x nearest upsampling so that OpenCV's centre-based border following lands
+    on pixel edges: an upsampled index u maps to the edge ceil(u / 2).
+    """
+    up = np.zeros((2 * mask.shape[0] + 2, 2 * mask.shape[1] + 2), np.uint8)
+    up[1:-1, 1:-1] = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return _EMPTY_RING
+    c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.int64) - 1
+    xy = (c + 1) // 2
+    keep = np.any(xy != np.roll(xy, 1, axis=0), axis=1)
+    xy = xy[keep]
+    # Drop vertices that sit in the middle of a straight run.
+    prev, nxt = np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0)
+    cross = (xy[:, 0] - prev[:, 0]) * (nxt[:, 1] - xy[:, 1]) - (xy[:, 1] - prev[:, 1]) * (nxt[:, 0] - xy[:, 0])
+    return xy[cross != 0] if np.count_nonzero(cross) >= 3 else xy
+
+
+def resolve_overlaps(
+    tile_size: tuple[int, int], masks: TileMasks, priority: np.ndarray
+) -> np.ndarray:
+    """Paint masks into an int32 (h, w) canvas, lowest priority first; values are mask index + 1."""
+    canvas = np.zeros(tile_size, np.int32)
+    for i in np.argsort(priority, kind="stable"):
+        x0, y0, x1, y1 = masks.bbox_px[i]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        region = canvas[y0:y1, x0:x1]
+        region[masks.masks[i]] = i + 1
+    return canvas
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    if n <= 2:
+        return mask
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return lab == best
+
+
+def stitch_tile(
+    *,
+    tile_origin_px: tuple[int, int],
+    tile_shape: tuple[int, int],
+    masks: TileMasks,
+    n_owned: int,
+    prompt_ids: np.ndarray,
+    prompt_score: np.ndarray,
+    prompt_class: np.ndarray,
+    hematoxylin_od: np.ndarray,
+    transform: FrameTransform,
+) -> NucleusTable:
+    """Finished nuclei for the first `n_owned` prompts of a tile.
+
+    tile_origin_px: (x0, y0) of the tile in the working frame.  masks: one per prompt (owned
+    first, then context).  prompt_ids/score/class: (P,) global index, prompter score, class.
+    hematoxylin_od: (h, w) float32 haematoxylin optical density of the tile.
+    Returns a NucleusTable in level-0 coordinates, rows in owned-prompt order, empty masks dropped.
+    """
+    if n_owned == 0:
+        return NucleusTable.empty()
+    # Higher IoU wins; among equals the lower global index (the higher prompter score).
+    order = np.lexsort((-prompt_ids, masks.iou))
+    priority = np.empty(len(order), np.int64)
+    priority[order] = np.arange(len(order))
+    canvas = resolve_overlaps(tile_shape, masks, priority)
+    h, w = tile_shape
+    ox, oy = tile_origin_px
+    rings: list[np.ndarray] = []
+    rows: list[int] = []
+    moments: list[tuple[float, float, float, float]] = []
+    touches: list[bool] = []
+    for i in range(n_owned):
+        x0, y0, x1, y1 = masks.bbox_px[i]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        own = canvas[y0:y1, x0:x1] == i + 1
+        if not own.any():
+            continue
+        own = ndi.binary_fill_holes(_largest_component(own))
+        ring = trace_outline(own)
+        if len(ring) < 3:
+            continue
+        ys, xs = np.nonzero(own)
+        moments.append(_moments(xs, ys, hematoxylin_od[y0:y1, x0:x1][own]))
+        rings.append(ring + np.array([x0 + ox, y0 + oy]))
+        rows.append(i)
+        touches.append(bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h))
+    if not rows:
+        return NucleusTable.empty()
+    idx = np.asarray(rows)
+    s = transform.scale
+    polys_w = shapely.polygons([np.vstack([r, r[:1]]) for r in rings])
+    polys_l0 = shapely.polygons([np.vstack([r, r[:1]]).astype(np.float64) * s for r in rings])
+    mom = np.asarray(moments, np.float64)
+    area_w = shapely.area(polys_w)
+    hull_area = shapely.area(shapely.convex_hull(polys_w))
+    mpp = transform.mpp
+    measurements = {
+        "score": prompt_score[idx],
+        "iou": masks.iou[idx],
+        "area_um2": area_w * mpp * mpp,
+        "perimeter_um": shapely.length(polys_w) * mpp,
+        "solidity": np.where(hull_area > 0, area_w / np.maximum(hull_area, 1e-9), 0.0),
+        "eccentricity": mom[:, 0],
+        "major_axis_um": mom[:, 1] * mpp,
+        "minor_axis_um": mom[:, 2] * mpp,
+        "hematoxylin_od_mean": mom[:, 3],
+    }
+    return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, np.asarray(touches))
+
+
+def _moments(xs: np.ndarray, ys: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
+    """Eccentricity, major and minor axis (px, as 4*sqrt of the covariance eigenvalues), mean OD."""
+    if len(xs) < 2:
+        return 0.0, 1.0, 1.0, float(od.mean()) if len(od) else 0.0
+    cxx = float(np.var(xs)) + 1 / 12  # each pixel is a unit square, not a point
+    cyy = float(np.var(ys)) + 1 / 12
+    cxy = float(np.mean((xs - xs.mean()) * (ys - ys.mean())))
+    half_tr, det = (cxx + cyy) / 2, cxx * cyy - cxy * cxy
+    root = np.sqrt(max(half_tr * half_tr - det, 0.0))
+    l1, l2 = half_tr + root, max(half_tr - root, 0.0)
+    ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
+    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2)), float(od.mean())
