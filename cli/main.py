@@ -197,10 +197,9 @@ def demo(size: int, seed: int, **kw: Any) -> None:
     log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
     slide = out_dir / "demo-slide.svs"
     spec = SyntheticSpec(width=size, height=size, seed=seed)
-    truth = make_nuclei(spec)
-    write_svs_like(slide, spec, truth)
+    truth = write_svs_like(slide, spec, make_nuclei(spec))
     if not kw["quiet"]:
-        click.echo(f"wrote synthetic slide {slide} ({size}x{size} px, {len(truth.centers_l0)} nuclei)")
+        click.echo(f"wrote synthetic slide {slide} ({size}x{size} px, {len(truth)} nuclei)")
     sys.exit(_run_slides([slide], out_dir, kw, log_path))
 
 

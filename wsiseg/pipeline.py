@@ -177,7 +177,7 @@ def _segmentor_batch(
     t1 = time.perf_counter()
     masks = segmentor.segment_tiles(images, [j.prompts for j in jobs])
     t2 = time.perf_counter()
-    transform = FrameTransform(scale=slide.scale, mpp=slide_spec.target_mpp * 1.0)
+    transform = FrameTransform(scale=slide.scale, mpp=slide.mpp)
     tables = []
     for job, image, tile_masks in zip(jobs, images, masks):
         tables.append(
@@ -234,7 +234,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     # -- open
     reader = open_slide(slide_path, mpp=config.mpp)
     props = reader.properties
-    slide_mpp = require_mpp(props, slide_path)
+    slide_mpp = float(np.mean(require_mpp(props, slide_path)))
     model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives)
     prompter, segmentor = model_spec.load()
     classes = _classes(prompter)

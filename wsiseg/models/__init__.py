@@ -1,0 +1,180 @@
+"""Nucleus models: the prompter/segmentor protocols, bundles, the model cache and loaders.
+
+    from wsiseg.models import load_prompter, load_segmentor
+    prompter = load_prompter("pannuke123-vit_b")          # a cached bundle, a path, or "classical"
+    segmentor = load_segmentor("bundle.zip", input_size=256, device="cuda")
+
+`import wsiseg.models` is cheap: nothing here imports torch, and every name below is
+loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsiseg.models.bundles import (
+        Bundle,
+        BundleError,
+        Component,
+        Manifest,
+        open_bundle,
+        verify_bundle,
+        write_bundle,
+    )
+    from wsiseg.models.cache import ModelNotFoundError, import_bundle, list_bundles, resolve_model
+    from wsiseg.models.protocols import NucleusClass, PointSet, PromptBatch, Prompter, Segmentor, TileMasks
+    from wsiseg.models.pull import KNOWN_MODELS, PullError, pull
+
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("NucleusClass", "PointSet", "PromptBatch", "Prompter", "Segmentor", "TileMasks"), "wsiseg.models.protocols"
+    ),
+    **dict.fromkeys(
+        ("Bundle", "BundleError", "Component", "Manifest", "open_bundle", "verify_bundle", "write_bundle"),
+        "wsiseg.models.bundles",
+    ),
+    **dict.fromkeys(("ModelNotFoundError", "import_bundle", "list_bundles", "resolve_model"), "wsiseg.models.cache"),
+    **dict.fromkeys(("KNOWN_MODELS", "PullError", "pull"), "wsiseg.models.pull"),
+}
+
+__all__ = [
+    "KNOWN_MODELS",
+    "Bundle",
+    "BundleError",
+    "Component",
+    "Manifest",
+    "ModelNotFoundError",
+    "NucleusClass",
+    "PointSet",
+    "PromptBatch",
+    "Prompter",
+    "PullError",
+    "Segmentor",
+    "TileMasks",
+    "import_bundle",
+    "list_bundles",
+    "load_prompter",
+    "load_segmentor",
+    "model_info",
+    "open_bundle",
+    "pull",
+    "resolve_model",
+    "verify_bundle",
+    "write_bundle",
+]
+
+#: segmentor architecture -> (module, class) whose `from_bundle` builds it.
+SEGMENTOR_BUILDERS: dict[str, tuple[str, str]] = {"sam": ("wsiseg.models.sam", "SamSegmentor")}
+#: prompter architecture -> (module, class) whose `from_bundle` builds it.
+PROMPTER_BUILDERS: dict[str, tuple[str, str]] = {
+    "dpa_p2pnet": ("wsiseg.models.prompters", "PointPrompter"),
+    "unet_prompter": ("wsiseg.models.prompters", "ProbabilityPrompter"),
+}
+_CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsiseg.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _builder(table: dict[str, tuple[str, str]], architecture: str) -> Any:
+    module, cls = table[architecture]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_segmentor(
+    path_or_name: str | os.PathLike[str],
+    *,
+    input_size: int | None = None,
+    device: str = "cpu",
+    k_negatives: int | None = None,
+) -> Segmentor:
+    """The segmentor of a bundle (folder, .zip or cached name), of "classical", or of a raw
+    SAM .pth checkpoint (official or PromptNucSeg).
+
+    input_size: tile px the model runs at (None: the bundle's); k_negatives: negatives per
+    prompt (None: the bundle's); device: "cpu", "cuda" or "auto" (ignored by "classical").
+    """
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    target = resolve_model(path_or_name)
+    if target == "classical":
+        from wsiseg.models.classical import ClassicalSegmentor
+
+        return ClassicalSegmentor() if k_negatives is None else ClassicalSegmentor(k_negatives=k_negatives)
+    options = {k: v for k, v in (("input_size", input_size), ("k_negatives", k_negatives)) if v is not None}
+    if target.is_file() and target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        from wsiseg.models.sam import SamSegmentor
+
+        return SamSegmentor.from_checkpoint(target, device=device, **options)  # type: ignore[no-any-return]
+    bundle = open_bundle(target)
+    cls = _builder(SEGMENTOR_BUILDERS, bundle.component("segmentor").architecture)
+    return cls.from_bundle(bundle, input_size=input_size, device=device, k_negatives=k_negatives)  # type: ignore[no-any-return]
+
+
+def load_prompter(path_or_name: str | os.PathLike[str], *, device: str = "cpu", **options: Any) -> Prompter:
+    """The prompter of a bundle (folder, .zip or cached name) or of "classical".
+
+    options: passed to the model's builder (e.g. selection= for "unet_prompter"; the
+    ClassicalPrompter's parameters for "classical").
+    """
+    from wsiseg.models.bundles import BundleError, open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    target = resolve_model(path_or_name)
+    if target == "classical":
+        from wsiseg.models.classical import ClassicalPrompter
+
+        return ClassicalPrompter(**options)
+    if target.is_file() and target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        raise BundleError(
+            f"model {target}: a raw .pth checkpoint is not a prompter bundle; convert it with "
+            "`wsiseg models import promptnucseg PROMPTER.pth SEGMENTOR.pth -o BUNDLE`"
+        )
+    bundle = open_bundle(target)
+    cls = _builder(PROMPTER_BUILDERS, bundle.component("prompter").architecture)
+    return cls.from_bundle(bundle, device=device, **options)  # type: ignore[no-any-return]
+
+
+def model_info(path_or_name: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready summary of a model: its manifest (architecture, mpp, input size, classes,
+    ...), weight file sizes and sha256, and where it came from (source.json) when pulled."""
+    from wsiseg.models.bundles import open_bundle, sha256_of_file
+    from wsiseg.models.cache import BUILTIN_MODELS, resolve_model
+
+    target = resolve_model(path_or_name)
+    if target == "classical":
+        return {"name": "classical", "builtin": True, "description": BUILTIN_MODELS["classical"]}
+    if target.is_file() and target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        return {
+            "name": target.stem,
+            "kind": "sam-checkpoint",
+            "path": str(target),
+            "size_bytes": target.stat().st_size,
+            "sha256": sha256_of_file(target),
+        }
+    bundle = open_bundle(target)
+    info = bundle.manifest.to_dict()
+    info.pop("format")
+    for role, comp in info["components"].items():
+        comp["size_bytes"] = bundle.weights_path(role).stat().st_size
+    info.update(kind="bundle", path=str(bundle.path), bundle_sha256=bundle.sha256)
+    source = Path(bundle.root) / "source.json"
+    if source.is_file():
+        info["source"] = json.loads(source.read_text(encoding="utf-8"))
+    return info

@@ -6,9 +6,10 @@ All coordinates are in the slide's level-0 pixel frame as OpenSlide reports it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -79,3 +80,114 @@ class SlideReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+#: Micrometres per pixel a microscope slide can plausibly have.  Values outside are
+#: treated as unknown: image editors write 72 or 300 dpi (352.8 or 84.7 um/px) by default.
+MPP_RANGE: tuple[float, float] = (0.02, 50.0)
+
+
+def checked_mpp(mpp_x: object, mpp_y: object) -> tuple[float, float] | None:
+    """(mpp_x, mpp_y) in micrometres per level-0 pixel, or None when either is missing,
+    unparsable or outside MPP_RANGE."""
+    try:
+        x, y = float(mpp_x), float(mpp_y)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    lo, hi = MPP_RANGE
+    if not (lo <= x <= hi and lo <= y <= hi):
+        return None
+    return (x, y)
+
+
+def require_mpp(props: SlideProperties, path: Path | str | None = None) -> tuple[float, float]:
+    """The slide's (mpp_x, mpp_y); raises MissingMppError naming --mpp when it has none."""
+    if props.mpp is None:
+        where = path if path is not None else props.path
+        raise MissingMppError(
+            f"{where}: the slide has no resolution metadata (micrometres per pixel); "
+            "pass --mpp (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)"
+        )
+    return props.mpp
+
+
+def rgb_on_white(pixels: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 RGB from (h, w), (h, w, 1|2|3|4) uint8: grey is repeated, alpha
+    (straight, not premultiplied) is composited onto white."""
+    if pixels.dtype != np.uint8:
+        raise SlideError(f"pixels are {pixels.dtype}; only 8-bit slides are supported")
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    channels = pixels.shape[2]
+    if channels in (2, 4):
+        colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
+        pixels = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        channels -= 1
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if channels != 3:
+        raise SlideError(f"pixels have {channels} channels; only grey, RGB and RGBA slides are supported")
+    return np.ascontiguousarray(pixels)
+
+
+def read_clipped(
+    level_size: tuple[int, int],
+    origin: tuple[int, int],
+    size: tuple[int, int],
+    fetch: Callable[[int, int, int, int], np.ndarray],
+) -> np.ndarray:
+    """A (h, w, 3) uint8 window of a level whose pixels outside the level are white.
+
+    origin (x, y) and size (w, h) are in level pixels; fetch(x0, y0, x1, y1) returns the
+    in-bounds part as anything `rgb_on_white` accepts.
+    """
+    (lw, lh), (x, y), (w, h) = level_size, origin, size
+    if w < 0 or h < 0:
+        raise ValueError(f"region size must be >= 0, got {size}")
+    out = np.full((h, w, 3), 255, np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = rgb_on_white(np.asarray(fetch(x0, y0, x1, y1)))
+    return out
+
+
+class BaseSlideReader:
+    """Plumbing every backend shares: pickles by (path, mpp override) so Dask workers
+    reopen the file, works as a context manager, and builds thumbnails from the pyramid."""
+
+    properties: SlideProperties
+
+    def __init__(self, path: Path, *, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self.mpp_override = mpp
+
+    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        from wsiseg.readers.scaled import read_thumbnail
+
+        return read_thumbnail(self, max_size)
+
+    def close(self) -> None:
+        """Release the file; subclasses close their handle."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mpp": self.mpp_override}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], mpp=state["mpp"])  # type: ignore[misc]
+
+    def __enter__(self) -> BaseSlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def _check_level(self, level: int) -> tuple[int, int]:
+        if not 0 <= level < self.properties.level_count:
+            raise ValueError(f"{self.path}: level {level} does not exist (levels 0-{self.properties.level_count - 1})")
+        return self.properties.level_dimensions[level]

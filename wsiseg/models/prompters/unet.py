@@ -1,0 +1,77 @@
+"""A small 4-level UNet that maps an RGB tile to a nuclear-probability logit map.
+
+Segment Any Cell uses a 4-level UNet auto-prompt generator trained with BCE; its exact layers
+are not published, so this one is our own: at each level two (3x3 conv, BatchNorm, ReLU)
+blocks, 2x2 max-pooling down, 2x2 transposed-conv up, skip concatenation, 1x1 output conv.
+
+Input (B, 3, H, W) float32 normalised, H and W multiples of 2 ** (levels - 1) (the prompter
+pads); output (B, 1, H, W) logits.  Parameter names: `down.i`, `up.i`, `merge.i`, `head`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """levels: resolution levels (3 poolings for 4); base_channels: width of level 0, doubling down."""
+
+    levels: int = 4
+    base_channels: int = 32
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.levels <= 6:
+            raise ValueError(f"UNet levels must be 2..6, got {self.levels}")
+        if self.base_channels < 1:
+            raise ValueError(f"UNet base_channels must be >= 1, got {self.base_channels}")
+
+    @property
+    def multiple(self) -> int:
+        """Input sides must be multiples of this (px)."""
+        return int(2 ** (self.levels - 1))
+
+
+def _double_conv(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """(B, 3, H, W) -> (B, 1, H, W) nuclear-foreground logits."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.base_channels * 2**i for i in range(config.levels)]
+        self.down = nn.ModuleList(
+            [_double_conv(3 if i == 0 else widths[i - 1], widths[i]) for i in range(config.levels)]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList(
+            [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(config.levels - 1)]
+        )
+        self.merge = nn.ModuleList([_double_conv(2 * widths[i], widths[i]) for i in range(config.levels - 1)])
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = self.config.multiple
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"UNet input sides must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for i in range(self.config.levels - 2, -1, -1):
+            x = self.merge[i](torch.cat([skips.pop(), self.up[i](x)], dim=1))
+        return self.head(x)

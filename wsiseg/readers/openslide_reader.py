@@ -1,0 +1,99 @@
+"""OpenSlide backend: Aperio SVS, Hamamatsu, MIRAX, Leica, Ventana, generic tiled TIFF, ...
+
+openslide-python is imported when a slide is opened, never at module import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiseg.readers.base import BaseSlideReader, SlideProperties, checked_mpp, rgb_on_white
+from wsiseg.readers.registry import register_backend
+
+OPENSLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+)  # fmt: skip
+
+
+def properties_from_metadata(
+    path: Path,
+    reader: str,
+    metadata: Mapping[str, Any],
+    prefix: str,
+    level_dimensions: tuple[tuple[int, int], ...],
+    level_downsamples: tuple[float, ...],
+    *,
+    mpp_override: float | None,
+    default_vendor: str = "generic-tiff",
+) -> SlideProperties:
+    """SlideProperties from an OpenSlide-style property dict (keys `<prefix>.mpp-x`, ...).
+
+    OpenSlide and TiffSlide use the same names under their own prefix.  mpp outside
+    MPP_RANGE (e.g. a 72-dpi default) counts as missing; mpp_override replaces it.
+    """
+
+    def number(key: str) -> float | None:
+        value = metadata.get(f"{prefix}.{key}")
+        try:
+            return float(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
+    if mpp_override is not None:
+        mpp: tuple[float, float] | None = (mpp_override, mpp_override)
+    else:
+        mpp = checked_mpp(metadata.get(f"{prefix}.mpp-x"), metadata.get(f"{prefix}.mpp-y"))
+    bx, by, bw, bh = (number(f"bounds-{k}") for k in ("x", "y", "width", "height"))
+    bounds = None
+    if bx is not None and by is not None and bw is not None and bh is not None:
+        bounds = (int(bx), int(by), int(bw), int(bh))
+    power = number("objective-power")
+    return SlideProperties(
+        path=path,
+        reader=reader,
+        vendor=str(metadata.get(f"{prefix}.vendor") or default_vendor),
+        level_dimensions=tuple((int(w), int(h)) for w, h in level_dimensions),
+        level_downsamples=tuple(float(d) for d in level_downsamples),
+        mpp=mpp,
+        objective_power=power if power and power > 0 else None,
+        bounds_l0=bounds,
+        extra={str(k): str(v) for k, v in metadata.items() if v is not None},
+    )
+
+
+@register_backend("openslide", OPENSLIDE_EXTENSIONS, priority=100, requires=("openslide",))
+class OpenSlideReader(BaseSlideReader):
+    """A slide read through OpenSlide; RGBA regions are composited onto white."""
+
+    def __init__(self, path: Path, *, mpp: float | None = None) -> None:
+        super().__init__(path, mpp=mpp)
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(self.path))
+        self.properties = properties_from_metadata(
+            self.path,
+            "openslide",
+            dict(self._slide.properties),
+            "openslide",
+            tuple(self._slide.level_dimensions),
+            tuple(self._slide.level_downsamples),
+            mpp_override=mpp,
+        )
+
+    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of `level` at `location_l0` (level-0 px), size (w, h) level px."""
+        self._check_level(level)
+        w, h = int(size[0]), int(size[1])
+        if w < 0 or h < 0:
+            raise ValueError(f"region size must be >= 0, got {size}")
+        if w == 0 or h == 0:
+            return np.full((h, w, 3), 255, np.uint8)
+        image = self._slide.read_region((int(location_l0[0]), int(location_l0[1])), level, (w, h))
+        return rgb_on_white(np.asarray(image))
+
+    def close(self) -> None:
+        self._slide.close()

@@ -1,0 +1,201 @@
+"""The slide seen at a model's resolution (the "working frame"), and slide thumbnails.
+
+Working pixels are level-0 pixels scaled by `scale` = target_mpp / slide_mpp (level-0 px
+per working px), edge frame: a working coordinate x maps to level-0 x * scale, so working
+pixel column j covers level-0 [j * scale, (j + 1) * scale).  Resampling reads the pyramid
+level with the largest downsample <= scale, then area-averages (downsampling) or
+interpolates bilinearly (upsampling) with weights computed from *global* working
+coordinates, so any region reads the same pixels whether read whole or in pieces.
+Levels whose downsample is not an integer are read on a fixed chunk grid for the same reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from wsiseg.readers.base import SlideReader, require_mpp
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 512  # level px; read grid for levels with a non-integer downsample
+
+
+def choose_level(downsamples: tuple[float, ...], scale: float, tolerance: float) -> tuple[int, float]:
+    """(level, scale) for reading at `scale` level-0 px per working px.
+
+    A level whose downsample is within `tolerance` (relative) of `scale` is read 1:1 and
+    the scale snaps to its downsample (level 0: exactly 1.0).  Otherwise the level with the
+    largest downsample <= scale (level 0 when scale < 1), scale unchanged.
+    """
+    close = [(abs(scale / ds - 1.0), i) for i, ds in enumerate(downsamples) if abs(scale / ds - 1.0) <= tolerance]
+    if close:
+        level = min(close)[1]
+        return level, 1.0 if level == 0 else float(downsamples[level])
+    below = [i for i, ds in enumerate(downsamples) if ds <= scale]
+    level = max(below, key=lambda i: downsamples[i]) if below else 0
+    return level, float(scale)
+
+
+def axis_weights(start: int, count: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights along one axis for output pixels start..start+count-1.
+
+    ratio: source px per output px.  Downsampling (ratio > 1) averages the source pixels
+    each output pixel covers, weighted by overlap; upsampling interpolates bilinearly
+    between pixel centres.  Returns (index (count, T) int64, weight (count, T) float32),
+    global source indices; each row's weights sum to 1.
+    """
+    j = np.arange(start, start + count, dtype=np.float64)
+    if ratio > 1.0:
+        lo, hi = j * ratio, (j + 1.0) * ratio
+        first = np.floor(lo)
+        taps = int(math.ceil(ratio)) + 1
+        index = first[:, None] + np.arange(taps)
+        weight = np.minimum(hi[:, None], index + 1.0) - np.maximum(lo[:, None], index)
+        weight = np.clip(weight, 0.0, None) / ratio
+    else:
+        centre = (j + 0.5) * ratio - 0.5
+        first = np.floor(centre)
+        frac = centre - first
+        index = first[:, None] + np.arange(2)
+        weight = np.stack([1.0 - frac, frac], axis=1)
+    return index.astype(np.int64), weight.astype(np.float32)
+
+
+class ScaledSlide:
+    """A slide seen at `target_mpp`: `read` returns working-frame pixels.
+
+    scale: level-0 px per working px (1.0 exactly when the slide is within `tolerance`).
+    mpp: the working frame's actual mpp (slide mpp * scale).
+    size_px: (width, height) of the working frame, ceil(level-0 size / scale).
+    level: the pyramid level pixels are read from.
+    Needs the slide's mpp (open_slide(..., mpp=) supplies it); raises MissingMppError.
+    """
+
+    def __init__(self, reader: SlideReader, target_mpp: float, *, tolerance: float = 0.02) -> None:
+        if not (math.isfinite(target_mpp) and target_mpp > 0):
+            raise ValueError(f"target_mpp must be a positive number of micrometres per pixel, got {target_mpp}")
+        if not 0.0 <= tolerance < 0.5:
+            raise ValueError(f"tolerance must be in [0, 0.5), got {tolerance}")
+        props = reader.properties
+        mpp_x, mpp_y = require_mpp(props)
+        self.slide_mpp = (mpp_x + mpp_y) / 2.0
+        if abs(mpp_x - mpp_y) > 0.01 * self.slide_mpp:
+            logger.warning(
+                "%s: pixels are not square (mpp %.4f x %.4f); using %.4f", props.path, mpp_x, mpp_y, self.slide_mpp
+            )
+        self.reader = reader
+        self.target_mpp = float(target_mpp)
+        self.tolerance = float(tolerance)
+        self.level, self.scale = choose_level(props.level_downsamples, self.target_mpp / self.slide_mpp, tolerance)
+        self.level_downsample = float(props.level_downsamples[self.level])
+        self.mpp = self.slide_mpp * self.scale
+        # Level px per working px; exactly 1.0 means a plain crop of the level.
+        self.level_ratio = 1.0 if self.scale == self.level_downsample else self.scale / self.level_downsample
+        w0, h0 = props.size_l0
+        self.size_px = (int(math.ceil(w0 / self.scale - 1e-9)), int(math.ceil(h0 / self.scale - 1e-9)))
+
+    def read(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of working pixels [x0, x0 + w) x [y0, y0 + h); outside is white."""
+        x0, y0, w, h = int(x0), int(y0), int(w), int(h)
+        if w < 0 or h < 0:
+            raise ValueError(f"region size must be >= 0, got {(w, h)}")
+        if w == 0 or h == 0:
+            return np.full((h, w, 3), 255, np.uint8)
+        if self.level_ratio == 1.0:
+            return self._read_level(x0, y0, w, h)
+        ix, wx = axis_weights(x0, w, self.level_ratio)
+        iy, wy = axis_weights(y0, h, self.level_ratio)
+        lx, ly = int(ix.min()), int(iy.min())
+        patch = self._read_level(lx, ly, int(ix.max()) - lx + 1, int(iy.max()) - ly + 1)
+        ix -= lx
+        iy -= ly
+        rows = np.zeros((patch.shape[0], w, 3), np.float32)
+        for t in range(ix.shape[1]):
+            rows += wx[:, t, None] * patch[:, ix[:, t]]
+        out = np.zeros((h, w, 3), np.float32)
+        for t in range(iy.shape[1]):
+            out += wy[:, t, None, None] * rows[iy[:, t]]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    def _read_level(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 pixels [x, x + w) x [y, y + h) of the chosen level (level px)."""
+        ds = self.level_downsample
+        if ds == round(ds):
+            return self.reader.read_region((x * int(ds), y * int(ds)), self.level, (w, h))
+        # A non-integer downsample puts level reads at sub-pixel offsets (OpenSlide paints at
+        # l0 / ds), so read on a fixed grid of chunks: each level pixel is then always read by
+        # the same request, whichever region asks for it.
+        out = np.empty((h, w, 3), np.uint8)
+        for oy in range(y // _CHUNK * _CHUNK, y + h, _CHUNK):
+            for ox in range(x // _CHUNK * _CHUNK, x + w, _CHUNK):
+                x1, y1 = min(x + w, ox + _CHUNK), min(y + h, oy + _CHUNK)
+                piece = self.reader.read_region((round(ox * ds), round(oy * ds)), self.level, (x1 - ox, y1 - oy))
+                x0, y0 = max(x, ox), max(y, oy)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = piece[y0 - oy :, x0 - ox :]
+        return out
+
+    def to_l0(self, xy: Any) -> np.ndarray:
+        """Working-frame coordinates (..., 2) -> level-0 coordinates, float64."""
+        return np.asarray(xy, np.float64) * self.scale
+
+    def from_l0(self, xy: Any) -> np.ndarray:
+        """Level-0 coordinates (..., 2) -> working-frame coordinates, float64."""
+        return np.asarray(xy, np.float64) / self.scale
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (functools.partial(ScaledSlide, tolerance=self.tolerance), (self.reader, self.target_mpp))
+
+    def __repr__(self) -> str:
+        return (
+            f"ScaledSlide({self.reader!r}, target_mpp={self.target_mpp}, scale={self.scale:.4f}, "
+            f"level={self.level}, size_px={self.size_px})"
+        )
+
+
+#: Largest level (pixels) a thumbnail reads in one piece; larger levels are read in blocks.
+THUMBNAIL_WHOLE_LEVEL_PX = 32_000_000
+
+
+def read_thumbnail(reader: SlideReader, max_size: int) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail (h, w, 3) uint8 whose longest side is <= max_size, and its
+    downsample from level 0 (level-0 px per thumbnail px).  Never upsamples.
+
+    Reads the smallest sufficient pyramid level; a level too large to hold is read and
+    shrunk in blocks, so memory stays bounded on slides without a pyramid.
+    """
+    import cv2
+
+    if max_size < 1:
+        raise ValueError(f"thumbnail max_size must be >= 1, got {max_size}")
+    props = reader.properties
+    w0, h0 = props.size_l0
+    ds = max(1.0, max(w0, h0) / max_size)
+    out_w, out_h = min(max_size, max(1, round(w0 / ds))), min(max_size, max(1, round(h0 / ds)))
+    level = max(
+        (i for i, d in enumerate(props.level_downsamples) if d <= ds * (1 + 1e-9)),
+        key=lambda i: props.level_downsamples[i],
+        default=0,
+    )
+    lw, lh = props.level_dimensions[level]
+    if lw * lh <= THUMBNAIL_WHOLE_LEVEL_PX:
+        full = reader.read_region((0, 0), level, (lw, lh))
+        thumb = full if (lw, lh) == (out_w, out_h) else cv2.resize(full, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    else:
+        lds = props.level_downsamples[level]
+        rx, ry = lw / out_w, lh / out_h
+        step = max(1, int(4096 // max(rx, ry)))
+        thumb = np.full((out_h, out_w, 3), 255, np.uint8)
+        for i0 in range(0, out_h, step):
+            i1 = min(out_h, i0 + step)
+            ya, yb = int(i0 * ry), min(lh, int(math.ceil(i1 * ry)))
+            for j0 in range(0, out_w, step):
+                j1 = min(out_w, j0 + step)
+                xa, xb = int(j0 * rx), min(lw, int(math.ceil(j1 * rx)))
+                block = reader.read_region((int(round(xa * lds)), int(round(ya * lds))), level, (xb - xa, yb - ya))
+                thumb[i0:i1, j0:j1] = cv2.resize(block, (j1 - j0, i1 - i0), interpolation=cv2.INTER_AREA)
+    return thumb, (w0 / out_w + h0 / out_h) / 2.0
