@@ -32,6 +32,8 @@ from wsiseg.tiling import TilePlan, plan_prompter_tiles, plan_segmentor_tiles
 log = logging.getLogger(__name__)
 
 GEOJSON_FORMATS = ("gz", "geojson", "zip")
+#: Smaller remnants (e.g. a prompt whose mask lost every pixel but a few to a neighbour) are dropped.
+MIN_NUCLEUS_AREA_UM2 = 4.0
 STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
 
 
@@ -191,6 +193,7 @@ def _segmentor_batch(
                 prompt_class=job.class_id,
                 hematoxylin_od=hematoxylin_od(image),
                 transform=transform,
+                min_area_px=max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp))),
             )
         )
     t3 = time.perf_counter()

@@ -85,12 +85,14 @@ def stitch_tile(
     prompt_class: np.ndarray,
     hematoxylin_od: np.ndarray,
     transform: FrameTransform,
+    min_area_px: int = 1,
 ) -> NucleusTable:
     """Finished nuclei for the first `n_owned` prompts of a tile.
 
     tile_origin_px: (x0, y0) of the tile in the working frame.  masks: one per prompt (owned
     first, then context).  prompt_ids/score/class: (P,) global index, prompter score, class.
     hematoxylin_od: (h, w) float32 haematoxylin optical density of the tile.
+    min_area_px: nuclei left with fewer working pixels after overlap resolution are dropped.
     Returns a NucleusTable in level-0 coordinates, rows in owned-prompt order, empty masks dropped.
     """
     if n_owned == 0:
@@ -113,7 +115,11 @@ def stitch_tile(
         own = canvas[y0:y1, x0:x1] == i + 1
         if not own.any():
             continue
-        own = ndi.binary_fill_holes(_largest_component(own))
+        region = canvas[y0:y1, x0:x1]
+        # Fill holes, but never over pixels another nucleus won.
+        own = ndi.binary_fill_holes(_largest_component(own)) & ((region == 0) | (region == i + 1))
+        if np.count_nonzero(own) < min_area_px:
+            continue
         ring = trace_outline(own)
         if len(ring) < 3:
             continue
@@ -126,8 +132,8 @@ def stitch_tile(
         return NucleusTable.empty()
     idx = np.asarray(rows)
     s = transform.scale
-    polys_w = shapely.polygons([np.vstack([r, r[:1]]) for r in rings])
-    polys_l0 = shapely.polygons([np.vstack([r, r[:1]]).astype(np.float64) * s for r in rings])
+    polys_w = _polygons(rings, 1.0)
+    polys_l0 = _polygons(rings, s)
     mom = np.asarray(moments, np.float64)
     area_w = shapely.area(polys_w)
     hull_area = shapely.area(shapely.convex_hull(polys_w))
@@ -144,6 +150,15 @@ def stitch_tile(
         "hematoxylin_od_mean": mom[:, 3],
     }
     return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, np.asarray(touches))
+
+
+def _polygons(rings: list[np.ndarray], scale: float) -> np.ndarray:
+    """Closed single-ring shapely Polygons from open vertex rings, coordinates times `scale`."""
+    closed = [np.vstack([r, r[:1]]) for r in rings]
+    ring_offsets = np.concatenate([[0], np.cumsum([len(r) for r in closed])])
+    coords = np.concatenate(closed).astype(np.float64) * scale
+    geom_offsets = np.arange(len(closed) + 1)
+    return shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
 
 
 def _moments(xs: np.ndarray, ys: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
