@@ -92,3 +92,20 @@ def test_mask_reaching_the_tile_edge_is_kept_and_flagged() -> None:
     )
     assert table.touches_edge.tolist() == [True]
     assert table.area_px[0] == m.sum()
+
+
+def test_holes_are_filled_unless_another_nucleus_won_them() -> None:
+    shape = (40, 40)
+    ring = _disk(shape, 20, 20, 12) & ~_disk(shape, 20, 20, 4)
+    inner = _disk(shape, 20, 20, 3)
+    for with_inner in (False, True):
+        masks = [ring, inner] if with_inner else [ring]
+        table = stitch_tile(
+            tile_origin_px=(0, 0), tile_shape=shape,
+            masks=TileMasks.from_dense(np.stack(masks), np.array([0.5, 0.9][: len(masks)], np.float32)),
+            n_owned=1, prompt_ids=np.arange(len(masks)), prompt_score=np.ones(len(masks), np.float32),
+            prompt_class=np.zeros(len(masks)), hematoxylin_od=np.zeros(shape, np.float32),
+            transform=FrameTransform(1.0, 1.0),
+        )
+        assert len(table) == 1
+        assert table.polygons()[0].area == _disk(shape, 20, 20, 12).sum()

@@ -20,8 +20,7 @@ def _thumbnail() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     h, w = 400, 600
     img = (np.array([242, 240, 245]) + rng.integers(-3, 4, (h, w, 3))).astype(np.uint8)
-    blank = lambda: np.zeros((h, w), np.uint8)  # noqa: E731
-    a, b, lumen, hole, specks, blue, green, black, strip = (blank() for _ in range(9))
+    a, b, lumen, hole, specks, blue, green, black, strip = (np.zeros((h, w), np.uint8) for _ in range(9))
     cv2.ellipse(a, (190, 200), (120, 90), 0, 0, 360, 1, -1)
     cv2.ellipse(b, (430, 200), (110, 150), 20, 0, 360, 1, -1)
     cv2.circle(lumen, (440, 210), 40, 1, -1)
@@ -109,7 +108,7 @@ def test_small_holes_are_filled_and_lumens_kept(detected: tuple[TissueMask, dict
     assert not mask.contains_points_l0(_centres_l0(_erode(regions["lumen"], 5))).any()
 
 
-def test_pen_is_kept_when_asked(detected: tuple[TissueMask, dict[str, np.ndarray]]) -> None:
+def test_pen_is_kept_when_asked() -> None:
     img, regions = _thumbnail()
     with_pen = detect_tissue(img, DOWNSAMPLE, mpp_l0=MPP_L0, exclude_pen=False)
     blue_green = regions["pen"] & ~_dilate(regions["tissue"], 4) & (img[..., 1].astype(int) > img[..., 0])
@@ -132,7 +131,7 @@ def test_blank_slide_has_no_tissue() -> None:
 
 
 def test_intersects_box_agrees_with_detection(detected: tuple[TissueMask, dict[str, np.ndarray]]) -> None:
-    mask, regions = detected
+    mask, _ = detected
     assert mask.intersects_box_l0(190 * DOWNSAMPLE, 200 * DOWNSAMPLE, 191 * DOWNSAMPLE, 201 * DOWNSAMPLE)
     assert not mask.intersects_box_l0(300 * DOWNSAMPLE, 20 * DOWNSAMPLE, 310 * DOWNSAMPLE, 30 * DOWNSAMPLE)
 
@@ -154,7 +153,8 @@ def test_detect_tissue_rejects_bad_input(thumb: np.ndarray, downsample: float, m
 
 
 def _region() -> shapely.MultiPolygon:
-    ring = shapely.Polygon([(100, 80), (900, 150), (700, 650), (150, 500)], holes=[[(300, 250), (500, 260), (420, 420)]])
+    hole = [(300, 250), (500, 260), (420, 420)]
+    ring = shapely.Polygon([(100, 80), (900, 150), (700, 650), (150, 500)], holes=[hole])
     return shapely.MultiPolygon([ring, shapely.Polygon([(950, 700), (990, 705), (970, 760)])])
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import TileMasks
 from wsiseg.nuclei import NucleusTable
@@ -64,6 +63,15 @@ def resolve_overlaps(
         region = canvas[y0:y1, x0:x1]
         region[masks.masks[i]] = i + 1
     return canvas
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region not connected to its border filled."""
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    flood = np.zeros((mask.shape[0] + 4, mask.shape[1] + 4), np.uint8)
+    cv2.floodFill(padded, flood, (0, 0), 1, flags=4)
+    return mask | (padded[1:-1, 1:-1] == 0)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -117,7 +125,7 @@ def stitch_tile(
             continue
         region = canvas[y0:y1, x0:x1]
         # Fill holes, but never over pixels another nucleus won.
-        own = ndi.binary_fill_holes(_largest_component(own)) & ((region == 0) | (region == i + 1))
+        own = _fill_holes(_largest_component(own)) & ((region == 0) | (region == i + 1))
         if np.count_nonzero(own) < min_area_px:
             continue
         ring = trace_outline(own)

@@ -23,9 +23,10 @@ import gzip
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import shapely
@@ -33,7 +34,7 @@ import shapely
 log = logging.getLogger(__name__)
 
 #: Longest side (cells) of the lookup raster built for polygons given without one.
-MAX_RASTER_PX = 4096
+MAX_RASTER_PX = 2048
 
 _OUTSIDE, _INSIDE, _BORDER = 0, 1, 2
 
@@ -84,8 +85,9 @@ def _raster_states(geom: shapely.MultiPolygon, shape: tuple[int, int], downsampl
         cv2.fillPoly(inside, [pts], 1 if exterior else 0, lineType=cv2.LINE_8, shift=shift)
         cv2.polylines(border, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
     # A ring can clip a cell corner that the drawn line misses: widen the band by one cell.
-    border = cv2.dilate(border, np.ones((3, 3), np.uint8))
-    return np.where(border > 0, np.uint8(_BORDER), inside)
+    widened = cv2.dilate(border, np.ones((3, 3), np.uint8))
+    states: np.ndarray = np.where(widened > 0, np.uint8(_BORDER), inside).astype(np.uint8)
+    return states
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,10 +177,10 @@ class TissueMask:
         if self.is_empty or x1 < x0 or y1 < y0:
             return False
         h, w = self._states.shape
-        c0 = max(int(math.floor(x0 / self.downsample)), 0)
-        r0 = max(int(math.floor(y0 / self.downsample)), 0)
-        c1 = min(int(math.floor(x1 / self.downsample)) + 1, w)
-        r1 = min(int(math.floor(y1 / self.downsample)) + 1, h)
+        c0 = max(math.floor(x0 / self.downsample), 0)
+        r0 = max(math.floor(y0 / self.downsample), 0)
+        c1 = min(math.floor(x1 / self.downsample) + 1, w)
+        r1 = min(math.floor(y1 / self.downsample) + 1, h)
         if c1 <= c0 or r1 <= r0:
             return False
         cells = self._states[r0:r1, c0:c1]
@@ -296,7 +298,7 @@ def detect_tissue(
         px_um2 = (mpp_l0 * downsample) ** 2
         min_area_px = min_area_um2 / px_um2
         max_hole_px = config.max_hole_um2 / px_um2
-        grow_px = max(1, int(round(config.dilate_um / (mpp_l0 * downsample))))
+        grow_px = max(1, round(config.dilate_um / (mpp_l0 * downsample)))
     else:
         min_area_px, max_hole_px, grow_px = 1e-4 * h * w, 5e-4 * h * w, 1
     # Close one-pixel gaps, then drop specks and fill small holes.
@@ -322,7 +324,7 @@ def _drop_small(mask: np.ndarray, min_area_px: float, *, keep_small: bool = Fals
     """Connected components (8-connected) of at least min_area_px, or below it with keep_small."""
     import cv2
 
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA]
     keep = area < min_area_px if keep_small else area >= min_area_px
     keep[0] = False
@@ -413,7 +415,7 @@ def _geometries(data: Any, class_name: str | None) -> Iterator[dict[str, Any]]:
             yield from _geometries(item, class_name)
         return
     if not isinstance(data, dict):
-        raise ValueError(f"expected a GeoJSON object, got {type(data).__name__}")
+        raise TypeError(f"expected a GeoJSON object, got {type(data).__name__}")
     kind = data.get("type")
     if kind == "FeatureCollection":
         yield from _geometries(data.get("features") or [], class_name)

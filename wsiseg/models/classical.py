@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet, PromptBatch, TileMasks
+from wsiseg.models.protocols import (
+    NUCLEUS,
+    NucleusClass,
+    PointSet,
+    PromptBatch,
+    TileMasks,
+)
 from wsiseg.stain import hematoxylin_od
 
 log = logging.getLogger(__name__)
@@ -47,11 +53,13 @@ SCALE_RATIO = math.sqrt(2.0)
 _DOG_RADIUS_PER_SIGMA = math.sqrt(4.0 * math.log(2.0))
 _DOG_PEAK_FRACTION = 0.25
 _SUBPIXEL_STEPS = 64.0
+#: Light blur of the haematoxylin OD on which waists between touching nuclei are measured.
+NECK_SIGMA_PX = 1.0
 
 
 def _gaussian_kernel(sigma_px: float) -> np.ndarray:
     """(2r+1,) float64 normalised Gaussian truncated at r = ceil(TRUNCATE_SIGMAS * sigma)."""
-    r = int(math.ceil(TRUNCATE_SIGMAS * sigma_px))
+    r = math.ceil(TRUNCATE_SIGMAS * sigma_px)
     x = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma_px) ** 2)
     return k / k.sum()
@@ -79,8 +87,9 @@ class ClassicalPrompter:
     min_diameter_um, max_diameter_um: nucleus sizes the DoG scales are tuned to (larger
         nuclei are still found, with a lower contrast).
     nms_radius_um: two points are never closer than this.
-    merge_radius_um, min_dip, min_dip_hematoxylin: a weaker point this close to a stronger
-        one is dropped unless the signal dips between them (see `_suppress`).
+    merge_radius_um, min_dip, min_dip_hematoxylin, neck_*: a weaker point this close to a
+        stronger one is dropped unless the signal dips or the blob narrows between them
+        (see `_suppress`).
     min_contrast_od: blob contrast over its surround (OD units) a point needs.
     min_relative_contrast: contrast / smoothed haematoxylin OD at the point.
     min_hematoxylin_od: smoothed haematoxylin OD a point needs (the foreground check).
@@ -94,6 +103,9 @@ class ClassicalPrompter:
     merge_radius_um: float = 7.0
     min_dip: float = 0.15
     min_dip_hematoxylin: float = 0.1
+    neck_level: float = 0.5
+    neck_ratio: float = 0.7
+    neck_probe_px: int = 6
     min_contrast_od: float = 0.1
     min_relative_contrast: float = 0.4
     min_hematoxylin_od: float = 0.18
@@ -116,7 +128,9 @@ class ClassicalPrompter:
         for key in ("merge_radius_um", "min_contrast_od", "min_relative_contrast", "min_hematoxylin_od"):
             if getattr(self, key) < 0:
                 raise ValueError(f"ClassicalPrompter.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("min_dip", "min_dip_hematoxylin"):
+        if self.neck_probe_px < 1:
+            raise ValueError(f"ClassicalPrompter.neck_probe_px must be >= 1, got {self.neck_probe_px}")
+        for key in ("min_dip", "min_dip_hematoxylin", "neck_level", "neck_ratio"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"ClassicalPrompter.{key} must be in [0, 1], got {getattr(self, key)}")
         s_min = 0.5 * self.min_diameter_um / self.mpp / _DOG_RADIUS_PER_SIGMA
@@ -125,14 +139,16 @@ class ClassicalPrompter:
         sigmas = tuple(s_min * SCALE_RATIO**i for i in range(n_dog + 1))
         nms = self.nms_radius_um / self.mpp
         merge = max(self.merge_radius_um / self.mpp, nms)
-        kernel_r = int(math.ceil(TRUNCATE_SIGMAS * sigmas[-1]))
+        kernel_r = math.ceil(TRUNCATE_SIGMAS * sigmas[-1])
         object.__setattr__(self, "sigmas_px", sigmas)
         object.__setattr__(self, "nms_radius_px", float(nms))
         object.__setattr__(self, "merge_radius_px", float(merge))
         # A point at pixel p is decided by candidates within merge_radius (each a 3x3 maximum,
-        # +1), refined from its 3x3 neighbourhood, on responses that see the haematoxylin OD
-        # within the largest kernel's radius.
-        object.__setattr__(self, "context_px", kernel_r + int(math.ceil(merge)) + 2)
+        # +1) and the smoothed OD across their segments (probes reach sqrt(merge^2 + probe^2)),
+        # refined from its 3x3 neighbourhood, on responses that see the haematoxylin OD within
+        # the largest kernel's radius.
+        reach = math.hypot(merge, self.neck_probe_px + 0.5)
+        object.__setattr__(self, "context_px", kernel_r + math.ceil(reach) + 2)
 
     @property
     def classes(self) -> tuple[NucleusClass, ...]:
@@ -178,7 +194,7 @@ class ClassicalPrompter:
             return PointSet.empty()
         stack = np.stack(dogs)
         resp = stack[ss, ys, xs]
-        keep = self._suppress(ys, xs, ss, resp, stack.max(axis=0), smooth)
+        keep = self._suppress(ys, xs, ss, resp, stack.max(axis=0), smooth, h_od)
         ys, xs, ss, resp = ys[keep], xs[keep], ss[keep], resp[keep]
         order = np.lexsort((xs, ys))
         ys, xs, ss, resp = ys[order], xs[order], ss[order], resp[order]
@@ -187,16 +203,24 @@ class ClassicalPrompter:
         return PointSet(xy, score.astype(np.float32), np.zeros(len(ys), np.int16))
 
     def _suppress(
-        self, ys: np.ndarray, xs: np.ndarray, ss: np.ndarray, resp: np.ndarray, best: np.ndarray, smooth: np.ndarray
+        self,
+        ys: np.ndarray,
+        xs: np.ndarray,
+        ss: np.ndarray,
+        resp: np.ndarray,
+        best: np.ndarray,
+        smooth: np.ndarray,
+        hematoxylin: np.ndarray,
     ) -> np.ndarray:
         """Keep mask over candidates (pixel ys, xs, scale ss, response resp).
 
         A candidate is dropped when a stronger one lies within the NMS radius, or within the
         merge radius with no dip between them: on the straight line joining them, the best
         response (max over scales) stays above (1 - min_dip) and the smoothed haematoxylin
-        above (1 - min_dip_hematoxylin) of the lower of their two values.  (Texture inside a
-        large or elongated nucleus shows neither dip; touching nuclei show at least one: a
-        pale nucleus next to a dark one has no haematoxylin dip but a response dip.)
+        above (1 - min_dip_hematoxylin) of the lower of their two values, and the blob joining
+        them has no waist (`_necked`).  (Texture inside a large or elongated nucleus shows
+        none of these; touching nuclei show at least one: a pale nucleus next to a dark one
+        has no haematoxylin dip but a response dip, two alike ones a waist.)
         Dropped candidates still suppress, so the outcome for a candidate depends only on
         candidates within the merge radius (no greedy chains).
         """
@@ -218,7 +242,7 @@ class ClassicalPrompter:
         dx = xs[strong] - xs[weak]
         close = dy * dy + dx * dx <= self.nms_radius_px**2
         # Sample the segment at integer offsets from the weak pixel (translation-invariant).
-        t = np.linspace(0.0, 1.0, 2 * int(math.ceil(self.merge_radius_px)) + 1)
+        t = np.linspace(0.0, 1.0, 2 * math.ceil(self.merge_radius_px) + 1)
         py = ys[weak][:, None] + np.rint(dy[:, None] * t[None, :]).astype(np.int64)
         px = xs[weak][:, None] + np.rint(dx[:, None] * t[None, :]).astype(np.int64)
 
@@ -227,9 +251,40 @@ class ClassicalPrompter:
             return field[py, px].min(axis=1) >= np.float32(1.0 - dip) * np.minimum(lo, hi), lo, hi
 
         flat_best, _, _ = no_dip(best, self.min_dip)
-        flat_h, _, _ = no_dip(smooth, self.min_dip_hematoxylin)
-        keep[weak[close | (flat_best & flat_h)]] = False
+        flat_h, h_weak, h_strong = no_dip(smooth, self.min_dip_hematoxylin)
+        merge = flat_best & flat_h & ~close
+        if merge.any():
+            i = np.flatnonzero(merge)
+            level = np.float32(self.neck_level) * np.minimum(h_weak[i], h_strong[i])
+            fine = _blur(hematoxylin, _gaussian_kernel(NECK_SIGMA_PX))
+            merge[i] = ~self._necked(fine, ys[weak[i]], xs[weak[i]], dy[i], dx[i], level)
+        keep[weak[close | merge]] = False
         return keep
+
+    def _necked(
+        self, fine: np.ndarray, y0: np.ndarray, x0: np.ndarray, dy: np.ndarray, dx: np.ndarray, level: np.ndarray
+    ) -> np.ndarray:
+        """Whether the blob {fine >= level} joining (y0, x0) to (y0 + dy, x0 + dx) narrows
+        between them: its width across the segment (capped at 2 * neck_probe_px + 1) drops
+        below neck_ratio of the width at both ends.  A convex nucleus is never narrower
+        inside than at the ends (its width is concave along a line); two touching round
+        nuclei form a waist."""
+        h, w = fine.shape
+        length = np.sqrt(dy * dy + dx * dx).astype(np.float64)
+        ny, nx = dx / length, -dy / length  # unit normal
+        t = np.linspace(0.0, 1.0, 2 * math.ceil(self.merge_radius_px) + 1)[None, :, None]
+        k = np.arange(-self.neck_probe_px, self.neck_probe_px + 1, dtype=np.float64)[None, None, :]
+        oy = np.rint(dy[:, None, None] * t + ny[:, None, None] * k).astype(np.int64)
+        ox = np.rint(dx[:, None, None] * t + nx[:, None, None] * k).astype(np.int64)
+        yy = np.clip(y0[:, None, None] + oy, 0, h - 1)
+        xx = np.clip(x0[:, None, None] + ox, 0, w - 1)
+        above = fine[yy, xx] >= level[:, None, None]
+        c = self.neck_probe_px
+        right = np.cumprod(above[:, :, c:], axis=2).sum(axis=2)
+        left = np.cumprod(above[:, :, c::-1], axis=2).sum(axis=2)
+        width = np.maximum(right + left - 1, 0)
+        ends = np.minimum(width[:, 0], width[:, -1])
+        return width[:, 1:-1].min(axis=1) < self.neck_ratio * ends
 
 
 def _refine(stack: np.ndarray, ys: np.ndarray, xs: np.ndarray, ss: np.ndarray) -> np.ndarray:
@@ -298,7 +353,7 @@ class ClassicalSegmentor:
         for key in ("min_hematoxylin_od", "min_contrast_od", "peak_radius_px", "compactness"):
             if getattr(self, key) < 0:
                 raise ValueError(f"ClassicalSegmentor.{key} must be >= 0, got {getattr(self, key)}")
-        radius = max(1, int(round(0.5 * self.max_diameter_um / self.mpp)))
+        radius = max(1, round(0.5 * self.max_diameter_um / self.mpp))
         object.__setattr__(self, "max_radius_px", radius)
         object.__setattr__(self, "max_nucleus_diameter_px", 2 * radius + 1)
         # The window reaches max_radius from floor(prompt); the blur adds its kernel radius.
@@ -355,7 +410,7 @@ def _segment_one(
     cy0, cx0 = max(sy - pr, 0), max(sx - pr, 0)
     core = win[cy0 : sy + pr + 1, cx0 : sx + pr + 1]
     peak = float(core.max())
-    k = int(round(cfg.background_percentile / 100.0 * (win.size - 1)))
+    k = round(cfg.background_percentile / 100.0 * (win.size - 1))
     background = float(np.partition(win, k, axis=None)[k])
     if peak < cfg.min_hematoxylin_od or peak - background < cfg.min_contrast_od:
         return None

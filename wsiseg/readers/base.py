@@ -119,7 +119,10 @@ def rgb_on_white(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     channels = pixels.shape[2]
-    if channels in (2, 4):
+    if channels in (2, 4) and pixels[..., -1].min() == 255:  # opaque: no compositing needed
+        pixels = pixels[..., :-1]
+        channels -= 1
+    elif channels in (2, 4):
         colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
         pixels = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
         channels -= 1

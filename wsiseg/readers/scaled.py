@@ -158,7 +158,7 @@ class ScaledSlide:
 
 
 #: Largest level (pixels) a thumbnail reads in one piece; larger levels are read in blocks.
-THUMBNAIL_WHOLE_LEVEL_PX = 32_000_000
+THUMBNAIL_WHOLE_LEVEL_PX = 4_000_000  # larger levels are read in blocks, keeping memory flat
 
 
 def read_thumbnail(reader: SlideReader, max_size: int) -> tuple[np.ndarray, float]:
@@ -188,7 +188,7 @@ def read_thumbnail(reader: SlideReader, max_size: int) -> tuple[np.ndarray, floa
     else:
         lds = props.level_downsamples[level]
         rx, ry = lw / out_w, lh / out_h
-        step = max(1, int(4096 // max(rx, ry)))
+        step = max(1, int(1024 // max(rx, ry)))  # blocks of about 1024² level px
         thumb = np.full((out_h, out_w, 3), 255, np.uint8)
         for i0 in range(0, out_h, step):
             i1 = min(out_h, i0 + step)
