@@ -114,11 +114,31 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
 
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
     prompter_name = spec.prompter or spec.model
-    try:
-        prompter = load_prompter(prompter_name, device=spec.device)
-    except LookupError:
-        prompter = None  # a segmentor-only bundle: prompts must come from --prompter or --prompts
+    if spec.prompter is None and not _has_prompter(spec.model):
+        return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
+    prompter = load_prompter(prompter_name, device=spec.device)
+    if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
+        from wsiseg.models.classical import ClassicalPrompter
+
+        if not isinstance(prompter, ClassicalPrompter):
+            raise ValueError(
+                f"prompter {prompter_name!r} works at {prompter.mpp} µm/px but segmentor {spec.model!r} at "
+                f"{segmentor.mpp} µm/px; use models made for the same resolution"
+            )
+        prompter = replace(prompter, mpp=segmentor.mpp)  # its sizes are in µm: it adapts
     return prompter, segmentor
+
+
+def _has_prompter(model: str) -> bool:
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    target = resolve_model(model)
+    if target == "classical":
+        return True
+    if target.is_file() and target.suffix.lower() in (".pth", ".pt"):
+        return False  # a raw SAM checkpoint
+    return open_bundle(target).has("prompter")
 
 
 _WORKER_CACHE: dict[Any, Any] = {}
@@ -268,14 +288,8 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         n_prompter_tiles = 0
     else:
         assert prompter is not None
-        if config.overlap_px // 2 < prompter.context_px:
-            log.info(
-                "overlap %d px is less than twice the prompter's context (%d px): points near tile "
-                "cores may differ slightly from an untiled run",
-                config.overlap_px,
-                prompter.context_px,
-            )
-        pplan = plan_prompter_tiles(width, height, tile_px, config.overlap_px)
+        prompter_overlap = _prompter_overlap(config, prompter, tile_px)
+        pplan = plan_prompter_tiles(width, height, tile_px, prompter_overlap)
         ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if _tile_in_tissue(s, tissue, scaled)]
         n_prompter_tiles = len(ptiles)
         found: list[PointSet] = []
@@ -379,6 +393,20 @@ def _tile_size(config: RunConfig, segmentor: Segmentor) -> int:
             f"model {config.model!r} takes {want} px tiles; run with --tile-size {want} (got {config.tile_size_px})"
         )
     return config.tile_size_px
+
+
+def _prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> int:
+    """Prompter tiles overlap by at least twice the prompter's context (so points found in a
+    tile's core are those an untiled run finds), but never by more than half a tile."""
+    want = max(config.overlap_px, 2 * int(prompter.context_px))
+    overlap = min(want, (tile_px // 2) // 2 * 2)
+    if overlap < want:
+        log.info(
+            "prompter context %d px wants %d px of overlap; a %d px tile allows %d: points near tile "
+            "cores may differ slightly from an untiled run (use a larger --tile-size)",
+            prompter.context_px, want, tile_px, overlap,
+        )
+    return overlap + overlap % 2
 
 
 def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:

@@ -147,12 +147,22 @@ class TileMasks:
 class Prompter(Protocol):
     """Proposes one point per nucleus in RGB tiles at the model's mpp."""
 
-    name: str
-    mpp: float
-    classes: tuple[NucleusClass, ...]
-    nms_radius_px: float
-    #: how far (px) image content influences a point; prompter tiles overlap by at least twice this.
-    context_px: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mpp(self) -> float: ...
+
+    @property
+    def classes(self) -> tuple[NucleusClass, ...]: ...
+
+    @property
+    def nms_radius_px(self) -> float: ...
+
+    @property
+    def context_px(self) -> int:
+        """How far (px) image content influences a point; prompter tiles overlap by twice this."""
+        ...
 
     def predict_points(self, tiles: np.ndarray) -> list[PointSet]:
         """tiles: (B, H, W, 3) uint8 -> one PointSet per tile, tile pixels (edge frame)."""
@@ -163,14 +173,26 @@ class Prompter(Protocol):
 class Segmentor(Protocol):
     """Turns prompts into one mask per prompt, encoding each tile once."""
 
-    name: str
-    mpp: float
-    #: the tile size the model wants (e.g. 256 for SAM at 256 input); None when any size works.
-    input_size_px: int | None
-    #: the largest nucleus diameter (px at the model's mpp) it can return; sets the tile halo.
-    max_nucleus_diameter_px: int
-    #: how many nearest other prompts go with each prompt as negatives.
-    k_negatives: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mpp(self) -> float: ...
+
+    @property
+    def input_size_px(self) -> int | None:
+        """The tile size the model wants (e.g. 256 for SAM at 256 input); None when any size works."""
+        ...
+
+    @property
+    def max_nucleus_diameter_px(self) -> int:
+        """The largest nucleus diameter (px at the model's mpp) it can return; sets the tile halo."""
+        ...
+
+    @property
+    def k_negatives(self) -> int:
+        """How many nearest other prompts go with each prompt as negatives."""
+        ...
 
     def segment_tiles(self, tiles: np.ndarray, prompts: Sequence[PromptBatch]) -> list[TileMasks]:
         """tiles: (B, H, W, 3) uint8; prompts: one PromptBatch per tile -> one TileMasks per tile."""
