@@ -43,7 +43,7 @@ class Progress:
 
     def __init__(self, name: str, enabled: bool) -> None:
         self.name = name
-        self.enabled = enabled and sys.stderr.isatty() or enabled == "always"
+        self.enabled = enabled and sys.stderr.isatty()
         self.start = time.monotonic()
         self.stage_start: dict[str, float] = {}
         self.last = 0.0

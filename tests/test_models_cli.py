@@ -56,9 +56,10 @@ def run(*args: str) -> Any:
 # --- the package API ---------------------------------------------------------------------
 
 
-def test_import_wsiseg_models_does_not_import_torch() -> None:
+def test_import_wsiseg_models_does_not_import_torch(tmp_path: Path) -> None:
     code = "import sys, wsiseg.models, wsiseg.cli.models; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # run outside the source tree, so the installed package (with wsiseg.cli) is imported
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stdout.strip() == "False"
 
 

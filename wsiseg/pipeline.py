@@ -545,8 +545,7 @@ def _write_reports(report_path: Path, html_path: Path, report: dict[str, Any], r
         thumb, downsample = reader.thumbnail(1024)
         from wsiseg.writers.zarr_store import open_nuclei
 
-        store = open_nuclei(zarr_path)
-        table = store.table()
-        write_report_html(html_path, report, thumb, table.centroid_l0 / downsample, table.class_id)
+        store = open_nuclei(zarr_path)  # columns only: no polygons in memory
+        write_report_html(html_path, report, thumb, store.column("centroid") / downsample, store.column("class_id"))
     except Exception as exc:  # the HTML page is a convenience; never fail a finished run for it
         log.warning("could not write %s: %s", html_path, exc)

@@ -494,6 +494,10 @@ class NucleiStore:
     def __len__(self) -> int:
         return self.count
 
+    def column(self, name: str) -> np.ndarray:
+        """One per-object array in store row order (e.g. "centroid", "class_id", "area")."""
+        return np.asarray(self._objects[name][:])
+
     @property
     def classes(self) -> list[NucleusClass]:
         return [NucleusClass(c["id"], c["name"], tuple(c["color"])) for c in self.attrs.get("classes", [])]
