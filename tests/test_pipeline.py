@@ -3,6 +3,7 @@ same whatever the tiling or scheduling."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +131,15 @@ def test_interrupted_run_leaves_no_store_claiming_completion(
     import wsiseg.pipeline as pipeline
 
     calls = {"n": 0}
-    real = pipeline._segmentor_batch
+    read, segment, stitch = pipeline.SEGMENTOR_STAGES
 
     def failing(*args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated interruption")
-        return real(*args)
+        return stitch.fn(*args)
 
-    monkeypatch.setattr(pipeline, "_segmentor_batch", failing)
+    monkeypatch.setattr(pipeline, "SEGMENTOR_STAGES", (read, segment, replace(stitch, fn=failing)))
     with pytest.raises(KeyboardInterrupt):
         run_slide(small_slide[0], tmp_path, _config(batch_tiles=1))
     stem = small_slide[0].stem

@@ -18,15 +18,15 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
 from wsiseg.nuclei import NucleusTable
-from wsiseg.prompts import SegmentorJob, build_segmentor_jobs, point_nms
-from wsiseg.scheduling import Runner, SchedulerConfig
+from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
+from wsiseg.scheduling import Runner, SchedulerConfig, Stage
 from wsiseg.tiling import TilePlan, plan_prompter_tiles, plan_segmentor_tiles
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.tile_size_px < 64:
             raise ValueError(f"--tile-size must be >= 64, got {self.tile_size_px}")
+        if not (0 <= self.overlap_px < self.tile_size_px and self.overlap_px % 2 == 0):
+            raise ValueError(
+                f"--overlap must be an even number of px, >= 0 and below --tile-size ({self.tile_size_px}); "
+                f"got {self.overlap_px}"
+            )
         if self.geojson_format not in GEOJSON_FORMATS:
             raise ValueError(f"--geojson-format must be one of {GEOJSON_FORMATS}, got {self.geojson_format!r}")
         if self.mpp is not None and not 0.01 < self.mpp < 100:
@@ -166,63 +171,76 @@ class SlideSpec:
 # --------------------------------------------------------------------------- tasks
 
 
-def _prompter_batch(
-    tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSpec
-) -> tuple[PointSet, dict[str, float]]:
-    """Points owned by each prompter tile of the batch, in the working frame."""
+def _read_tiles(tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> dict[str, Any]:
+    """Stage 1 (CPU): the batch's tile pixels.  `tiles` are TileSpecs or SegmentorJobs."""
     t0 = time.perf_counter()
     slide = slide_spec.open()
+    specs = [getattr(t, "tile", t) for t in tiles]
+    images = np.stack([slide.read(s.x0, s.y0, s.size, s.size) for s in specs])
+    return {"items": list(tiles), "images": images, "times": {"read": time.perf_counter() - t0}}
+
+
+def _predict_points(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[PointSet, dict]:
+    """Stage 2 of the prompter (model): points owned by each tile, in the working frame."""
+    t0 = time.perf_counter()
     prompter, _ = model_spec.load()
     assert prompter is not None
-    images = np.stack([slide.read(t.x0, t.y0, t.size, t.size) for t in tiles])
-    t1 = time.perf_counter()
-    found = prompter.predict_points(images)
-    t2 = time.perf_counter()
+    found = prompter.predict_points(batch["images"])
     out = []
-    for t, pts in zip(tiles, found):
+    for t, pts in zip(batch["items"], found):
         pts = PointSet(pts.xy + np.array([t.x0, t.y0], np.float32), pts.score, pts.class_id)
         out.append(pts.take(t.owns(pts.xy)))
-    return PointSet.concat(out), {"read": t1 - t0, "model": t2 - t1, "post": time.perf_counter() - t2}
+    return PointSet.concat(out), {**batch["times"], "model": time.perf_counter() - t0}
 
 
-def _segmentor_batch(
-    jobs: Sequence[SegmentorJob], slide_spec: SlideSpec, model_spec: ModelSpec
-) -> tuple[NucleusTable, dict[str, float]]:
-    """Finished nuclei (level-0) owned by the batch's segmentor tiles."""
+def _segment(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> dict[str, Any]:
+    """Stage 2 of the segmentor (model): one mask per prompt of every tile."""
+    t0 = time.perf_counter()
+    _, segmentor = model_spec.load()
+    masks = segmentor.segment_tiles(batch["images"], [j.prompts for j in batch["items"]])
+    return {**batch, "masks": masks, "times": {**batch["times"], "model": time.perf_counter() - t0}}
+
+
+def _stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[NucleusTable, dict]:
+    """Stage 3 (CPU): finished level-0 nuclei owned by the batch's segmentor tiles."""
     from wsiseg.stain import hematoxylin_od
     from wsiseg.stitching import FrameTransform, stitch_tile
 
     t0 = time.perf_counter()
     slide = slide_spec.open()
-    _, segmentor = model_spec.load()
-    images = np.stack([slide.read(j.tile.x0, j.tile.y0, j.tile.size, j.tile.size) for j in jobs])
-    t1 = time.perf_counter()
-    masks = segmentor.segment_tiles(images, [j.prompts for j in jobs])
-    t2 = time.perf_counter()
     transform = FrameTransform(scale=slide.scale, mpp=slide.mpp)
-    tables = []
-    for job, image, tile_masks in zip(jobs, images, masks):
-        tables.append(
-            stitch_tile(
-                tile_origin_px=(job.tile.x0, job.tile.y0),
-                tile_shape=image.shape[:2],
-                masks=tile_masks,
-                n_owned=job.n_owned,
-                prompt_ids=job.prompt_ids,
-                prompt_score=job.score,
-                prompt_class=job.class_id,
-                hematoxylin_od=hematoxylin_od(image),
-                transform=transform,
-                min_area_px=max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp))),
-            )
+    min_area = max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp)))
+    tables = [
+        stitch_tile(
+            tile_origin_px=(job.tile.x0, job.tile.y0),
+            tile_shape=image.shape[:2],
+            masks=tile_masks,
+            n_owned=job.n_owned,
+            prompt_ids=job.prompt_ids,
+            prompt_score=job.score,
+            prompt_class=job.class_id,
+            hematoxylin_od=hematoxylin_od(image),
+            transform=transform,
+            min_area_px=min_area,
         )
-    t3 = time.perf_counter()
-    return NucleusTable.concat(tables), {"read": t1 - t0, "model": t2 - t1, "post": t3 - t2}
+        for job, image, tile_masks in zip(batch["items"], batch["images"], batch["masks"])
+    ]
+    return NucleusTable.concat(tables), {**batch["times"], "post": time.perf_counter() - t0}
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
+PROMPTER_STAGES = (Stage(_read_tiles), Stage(_predict_points, model=True))
+SEGMENTOR_STAGES = (Stage(_read_tiles), Stage(_segment, model=True), Stage(_stitch))
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # --------------------------------------------------------------------------- the run
@@ -282,7 +300,10 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     if config.prompts_file is not None:
         from wsiseg.models.prompters.file_prompts import read_prompt_file
 
-        pts_l0 = read_prompt_file(config.prompts_file)
+        # GeoJSON points are in QuPath's frame (bounds subtracted, as wsiseg writes them); CSV in level 0.
+        is_geojson = ".geojson" in config.prompts_file.name.lower() or config.prompts_file.suffix.lower() == ".json"
+        bounds = props.bounds_l0 if is_geojson and props.bounds_l0 else (0, 0)
+        pts_l0 = read_prompt_file(config.prompts_file, classes=classes, offset_l0=(bounds[0], bounds[1]))
         points = PointSet(scaled.from_l0(pts_l0.xy), pts_l0.score, pts_l0.class_id)
         nms_radius = 0.0
         n_prompter_tiles = 0
@@ -294,7 +315,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         n_prompter_tiles = len(ptiles)
         found: list[PointSet] = []
         done = 0
-        for pts, tm in runner.map_ordered(_prompter_batch, _batches(ptiles, config.batch_tiles), slide_spec, model_spec):
+        for pts, tm in runner.map_chain(_batches(ptiles, config.batch_tiles), PROMPTER_STAGES, slide_spec, model_spec):
             found.append(pts)
             _add(work, tm)
             done += min(config.batch_tiles, n_prompter_tiles - done)
@@ -318,7 +339,8 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     t = time.perf_counter()
     halo = max(config.overlap_px // 2, segmentor.max_nucleus_diameter_px, int(getattr(segmentor, "halo_px", 0)))
     splan = plan_segmentor_tiles(width, height, tile_px, halo)
-    jobs = build_segmentor_jobs(
+    n_jobs = count_segmentor_jobs(points, splan)
+    jobs = iter_segmentor_jobs(
         points, splan, k_negatives=segmentor.k_negatives, context_px=segmentor.max_nucleus_diameter_px
     )
     stem = _stem(slide_path)
@@ -329,7 +351,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     n_nuclei = n_edge = 0
     try:
         done = 0
-        for table, tm in runner.map_ordered(_segmentor_batch, _batches(jobs, config.batch_tiles), slide_spec, model_spec):
+        for table, tm in runner.map_chain(_batches(jobs, config.batch_tiles), SEGMENTOR_STAGES, slide_spec, model_spec):
             _add(work, tm)
             tw = time.perf_counter()
             for w in writers:
@@ -337,14 +359,14 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
             timings["write"] += time.perf_counter() - tw
             n_nuclei += len(table)
             n_edge += int(table.touches_edge.sum())
-            done += min(config.batch_tiles, len(jobs) - done)
-            progress("segmentor", done, len(jobs), n_nuclei)
+            done += min(config.batch_tiles, n_jobs - done)
+            progress("segmentor", done, n_jobs, n_nuclei)
         timings["segmentor"] = time.perf_counter() - t - timings["write"]
         tw = time.perf_counter()
         report = _report(
             slide_path, props, config, segmentor, prompter, scaled, timings, work, t_start,
-            n_prompter_tiles=n_prompter_tiles, n_segmentor_tiles=len(jobs), n_raw=n_raw,
-            n_prompts=len(points), n_nuclei=n_nuclei, n_edge=n_edge, halo=halo,
+            n_prompter_tiles=n_prompter_tiles, n_segmentor_tiles=n_jobs, n_raw=n_raw,
+            n_prompts=len(points), n_nuclei=n_nuclei, n_edge=n_edge, halo=halo, n_workers=runner.n_workers,
         )
         geojson_writer, zarr_writer = writers
         geojson_writer.close()
@@ -532,7 +554,9 @@ def _report(
             "halo_px": counts["halo"],
         },
         "task_time_s": {k: round(v, 4) for k, v in work.items()},
-        "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall, 1e-9), 4),
+        "workers": counts["n_workers"],
+        # share of the workers' wall time spent inside the model (1.0 = the model never waits)
+        "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall * counts["n_workers"], 1e-9), 4),
         "parameters": config.parameters(),
     }
 

@@ -8,6 +8,7 @@ per-tile jobs built from it carry only their own prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -87,14 +88,26 @@ class SegmentorJob:
 
 
 def build_segmentor_jobs(
+    points: PointSet, plan: TilePlan, *, k_negatives: int, context_px: float
+) -> list[SegmentorJob]:
+    """All jobs of `iter_segmentor_jobs` as a list."""
+    return list(iter_segmentor_jobs(points, plan, k_negatives=k_negatives, context_px=context_px))
+
+
+def count_segmentor_jobs(points: PointSet, plan: TilePlan) -> int:
+    """How many segmentor tiles own at least one prompt."""
+    return len(np.unique(plan.owner_of(points.xy))) if len(points) else 0
+
+
+def iter_segmentor_jobs(
     points: PointSet,
     plan: TilePlan,
     *,
     k_negatives: int,
     context_px: float,
-    tiles: np.ndarray | None = None,
-) -> list[SegmentorJob]:
-    """One job per segmentor tile that owns at least one prompt (or per index in `tiles`).
+) -> Iterator[SegmentorJob]:
+    """One job per segmentor tile that owns at least one prompt, in tile order, made lazily
+    (a slide's jobs are never all in memory at once).
 
     Negatives are the k nearest other prompts of the global set within the tile's halo, so
     they cross tile borders.  Context prompts are non-owned prompts within `context_px`
@@ -107,9 +120,7 @@ def build_segmentor_jobs(
     tree = cKDTree(xy.astype(np.float64)) if len(xy) else None
     sort = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[sort], np.arange(plan.count + 1))
-    wanted = np.flatnonzero(np.diff(bounds) > 0) if tiles is None else np.asarray(tiles)
-    jobs: list[SegmentorJob] = []
-    for t in wanted:
+    for t in np.flatnonzero(np.diff(bounds) > 0):
         spec = plan.tile(int(t))
         owned = sort[bounds[t] : bounds[t + 1]]
         if len(owned) == 0:
@@ -117,8 +128,7 @@ def build_segmentor_jobs(
         context = _context_prompts(tree, spec, halo, context_px, owner, int(t))
         ids = np.concatenate([owned, context]).astype(np.int64)
         batch = _prompt_batch(xy, ids, neg, spec)
-        jobs.append(SegmentorJob(spec, ids, len(owned), batch, points.score[ids], points.class_id[ids]))
-    return jobs
+        yield SegmentorJob(spec, ids, len(owned), batch, points.score[ids], points.class_id[ids])
 
 
 def _context_prompts(

@@ -11,7 +11,7 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ class SchedulerConfig:
 
     workers: LocalCluster worker processes (default: the machine's cores).
     gpus: when > 0, the LocalCluster gets one extra single-threaded worker per GPU, with
-        `CUDA_VISIBLE_DEVICES` set and a `GPU` resource that model tasks request.
+        `CUDA_VISIBLE_DEVICES` set and a `GPU` resource that model tasks request, while reading
+        and stitching request `CPU` (the other workers').  On an existing cluster, start GPU
+        workers with `--resources GPU=1` and CPU workers with `--resources CPU=1`.
     """
 
     scheduler: str | None = None
@@ -67,6 +69,7 @@ class Runner:
                 processes=True,
                 dashboard_address=None,
                 silence_logs=logging.WARNING,
+                resources={"CPU": 1} if cfg.gpus else None,
             )
             if cfg.gpus:
                 self._add_gpu_workers(cfg.gpus)
@@ -103,24 +106,33 @@ class Runner:
     def distributed(self) -> bool:
         return self._client is not None
 
-    def map_ordered(
-        self,
-        fn: Callable[..., R],
-        items: Iterable[T],
-        *args: Any,
-        resources: dict[str, float] | None = None,
-    ) -> Iterator[R]:
+    def map_ordered(self, fn: Callable[..., R], items: Iterable[T], *args: Any) -> Iterator[R]:
         """fn(item, *args) for each item, results yielded in item order, bounded in flight."""
+        return self.map_chain(items, [Stage(fn)], *args)
+
+    def map_chain(self, items: Iterable[Any], stages: Sequence[Stage], *args: Any) -> Iterator[Any]:
+        """For each item, stages[-1](... stages[0](item, *args) ..., *args), yielded in item order.
+
+        On a cluster every stage is its own task, placed by its resources (e.g. reading and
+        stitching on CPU workers, the model on GPU workers), so stages of different batches
+        overlap; at most `max_in_flight` items are in the pipeline at once.
+        """
         if self._client is None:
             for item in items:
-                yield fn(item, *args)
+                value = item
+                for stage in stages:
+                    value = stage.fn(value, *args)
+                yield value
             return
         window = self.config.max_in_flight or 2 * self.n_workers + 1
         pending: deque[Any] = deque()
         scattered = [self._client.scatter(a, broadcast=True) if _is_large(a) else a for a in args]
         try:
             for item in items:
-                pending.append(self._client.submit(fn, item, *scattered, pure=False, resources=resources))
+                fut = item
+                for stage in stages:
+                    fut = self._client.submit(stage.fn, fut, *scattered, pure=False, resources=self._resources(stage))
+                pending.append(fut)
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -128,6 +140,19 @@ class Runner:
         finally:
             for fut in pending:
                 fut.cancel()
+
+    def _resources(self, stage: Stage) -> dict[str, float] | None:
+        if not self.config.gpus:
+            return None
+        return {"GPU": 1} if stage.model else {"CPU": 1}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a chained task; `model` steps go to GPU workers when there are any."""
+
+    fn: Callable[..., Any]
+    model: bool = False
 
 
 def _is_large(obj: Any) -> bool:

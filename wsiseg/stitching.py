@@ -131,8 +131,7 @@ def stitch_tile(
         ring = trace_outline(own)
         if len(ring) < 3:
             continue
-        ys, xs = np.nonzero(own)
-        moments.append(_moments(xs, ys, hematoxylin_od[y0:y1, x0:x1][own]))
+        moments.append(_moments(own, hematoxylin_od[y0:y1, x0:x1]))
         rings.append(ring + np.array([x0 + ox, y0 + oy]))
         rows.append(i)
         touches.append(bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h))
@@ -169,15 +168,20 @@ def _polygons(rings: list[np.ndarray], scale: float) -> np.ndarray:
     return shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
 
 
-def _moments(xs: np.ndarray, ys: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
-    """Eccentricity, major and minor axis (px, as 4*sqrt of the covariance eigenvalues), mean OD."""
-    if len(xs) < 2:
-        return 0.0, 1.0, 1.0, float(od.mean()) if len(od) else 0.0
-    cxx = float(np.var(xs)) + 1 / 12  # each pixel is a unit square, not a point
-    cyy = float(np.var(ys)) + 1 / 12
-    cxy = float(np.mean((xs - xs.mean()) * (ys - ys.mean())))
+def _moments(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
+    """Eccentricity, major and minor axis (px, as 4*sqrt of the covariance eigenvalues) of a
+    bool mask, and the mean of `od` over it."""
+    m8 = mask.view(np.uint8)
+    m = cv2.moments(m8, binaryImage=True)
+    n = m["m00"]
+    mean_od = float(cv2.mean(np.ascontiguousarray(od, np.float32), m8)[0])
+    if n < 2:
+        return 0.0, 1.0, 1.0, mean_od
+    cxx = m["mu20"] / n + 1 / 12  # each pixel is a unit square, not a point
+    cyy = m["mu02"] / n + 1 / 12
+    cxy = m["mu11"] / n
     half_tr, det = (cxx + cyy) / 2, cxx * cyy - cxy * cxy
-    root = np.sqrt(max(half_tr * half_tr - det, 0.0))
+    root = float(np.sqrt(max(half_tr * half_tr - det, 0.0)))
     l1, l2 = half_tr + root, max(half_tr - root, 0.0)
     ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2)), float(od.mean())
+    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2)), mean_od

@@ -1,0 +1,64 @@
+"""The wsiseg command: info, run (with bad slides among good ones), demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from wsiseg.cli.main import main
+
+
+def test_info_reports_reader_size_levels_and_mpp(svs_slide: Path) -> None:
+    result = CliRunner().invoke(main, ["info", str(svs_slide), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["reader"] == "openslide" and data["vendor"] == "aperio"
+    assert data["width"] == 2048 and data["height"] == 1536
+    assert data["mpp"] == [0.5, 0.5]
+    assert [lvl["downsample"] for lvl in data["levels"]] == [1.0, 4.0, 16.0]
+    text = CliRunner().invoke(main, ["info", str(svs_slide)]).output
+    assert "0.5000 x 0.5000" in text
+
+
+def test_info_on_a_text_file_is_one_clear_line(text_as_svs: Path) -> None:
+    result = CliRunner().invoke(main, ["info", str(text_as_svs)])
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(text_as_svs) in lines[0]
+
+
+def test_one_bad_slide_does_not_stop_the_others(text_as_svs: Path, png_image: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["run", str(text_as_svs), str(png_image), "-o", str(tmp_path), "--mpp", "0.5", "--scheduler", "synchronous"]
+    )
+    assert result.exit_code == 1
+    assert (tmp_path / f"{png_image.stem}.geojson.gz").exists()
+    assert (tmp_path / f"{png_image.stem}.zarr").exists()
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(text_as_svs) in errors[0] and "wsiseg.log" in errors[0]
+    assert "Traceback" in (tmp_path / "wsiseg.log").read_text()
+
+
+def test_missing_mpp_message_names_the_option(no_mpp_tiff: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(no_mpp_tiff), "-o", str(tmp_path), "--scheduler", "synchronous"])
+    assert result.exit_code == 1
+    assert "--mpp" in result.output
+
+
+def test_bad_option_values_are_refused_before_any_work(svs_slide: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(tmp_path), "--overlap", "7",
+                                       "--scheduler", "synchronous"])
+    assert result.exit_code != 0
+    assert "--overlap" in result.output
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--size", "768", "-o", str(out), "--scheduler", "synchronous"])
+    assert result.exit_code == 0, result.output
+    for name in ("demo-slide.geojson.gz", "demo-slide.zarr", "demo-slide.report.json", "demo-slide.report.html"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "demo-slide.report.json").read_text())
+    assert report["counts"]["nuclei"] > 50
