@@ -113,6 +113,10 @@ def _run_options(f: Any) -> Any:
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True),
         click.option("--gpus", type=int, default=0, show_default=True, help="One Dask worker per GPU."),
         click.option("--k-negatives", type=int, default=None, help="Negative prompts per nucleus (model default)."),
+        click.option("--prompt-selection", type=click.Choice(["centroid", "probability"]), default=None,
+                     help="Probability prompters: points at component centroids or sampled from the map."),
+        click.option("--points-per-tile", type=int, default=None, help="Probability prompters: points per tile."),
+        click.option("--overwrite", is_flag=True, help="Redo slides whose complete outputs already exist."),
         click.option("--batch-tiles", type=int, default=8, show_default=True, help="Tiles per task."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors only."),
         click.option("-v", "--verbose", is_flag=True, help="Log details to the terminal too."),
@@ -139,6 +143,8 @@ def _config(**kw: Any) -> Any:
         write_labels=not kw["no_labels"],
         device=kw["device"],
         k_negatives=kw["k_negatives"],
+        prompt_selection=kw["prompt_selection"],
+        points_per_tile=kw["points_per_tile"],
         batch_tiles=kw["batch_tiles"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"]),
     )
@@ -153,9 +159,16 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
     except ValueError as exc:
         _fail(str(exc), None)
         return 2
+    from wsiseg.pipeline import completed_outputs
+
     failed = 0
     with Runner(config.scheduler) as runner:
         for slide in slides:
+            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, config)
+            if done is not None:
+                if not kw["quiet"]:
+                    click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
+                continue
             progress = Progress(slide.name, not kw["quiet"])
             try:
                 result = run_slide(slide, out_dir, config, runner=runner, progress=progress)

@@ -62,3 +62,25 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
         assert (out / name).exists(), name
     report = json.loads((out / "demo-slide.report.json").read_text())
     assert report["counts"]["nuclei"] > 50
+
+
+def test_rerun_skips_completed_slides_unless_overwrite(svs_slide: Path, tmp_path: Path) -> None:
+    args = ["run", str(svs_slide), "-o", str(tmp_path), "--scheduler", "synchronous", "--roi"]
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [300, 0], [300, 300], [0, 300], [0, 0]]]}))
+    first = CliRunner().invoke(main, [*args, str(roi)])
+    assert first.exit_code == 0, first.output
+    store = tmp_path / f"{svs_slide.stem}.zarr"
+    stamp = (store / "zarr.json").stat().st_mtime_ns
+    again = CliRunner().invoke(main, [*args, str(roi)])
+    assert again.exit_code == 0 and "already done" in again.output
+    assert (store / "zarr.json").stat().st_mtime_ns == stamp
+    redo = CliRunner().invoke(main, [*args, str(roi), "--overwrite"])
+    assert redo.exit_code == 0 and "already done" not in redo.output
+
+
+def test_prompt_selection_needs_a_probability_prompter(svs_slide: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(tmp_path), "--prompt-selection", "centroid",
+                                       "--scheduler", "synchronous"])
+    assert result.exit_code == 1
+    assert "--prompt-selection" in result.output

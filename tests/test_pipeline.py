@@ -179,3 +179,11 @@ def test_nuclei_are_spread_over_the_tissue_only(small_slide: Any, baseline: Any)
     tree = cKDTree(truth.centers_l0)
     d, _ = tree.query(table.centroid_l0)
     assert np.mean(d < 4) > 0.9
+
+
+def test_an_existing_dask_scheduler_gives_the_same_nuclei(small_slide: Any, baseline: Any, tmp_path: Path) -> None:
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        result = run_slide(small_slide[0], tmp_path, _config(scheduler=SchedulerConfig(scheduler=cluster.scheduler_address)))
+    assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)

@@ -53,6 +53,8 @@ class RunConfig:
     write_labels: bool = True
     device: str = "cpu"
     k_negatives: int | None = None
+    prompt_selection: str | None = None
+    points_per_tile: int | None = None
     batch_tiles: int = 8
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -70,6 +72,10 @@ class RunConfig:
             raise ValueError(f"--mpp must be a resolution in µm per pixel (e.g. 0.25), got {self.mpp}")
         if self.batch_tiles < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_tiles}")
+        if self.prompt_selection not in (None, "centroid", "probability"):
+            raise ValueError(f"--prompt-selection must be centroid or probability, got {self.prompt_selection!r}")
+        if self.points_per_tile is not None and self.points_per_tile < 1:
+            raise ValueError(f"--points-per-tile must be >= 1, got {self.points_per_tile}")
         if self.k_negatives is not None and self.k_negatives < 0:
             raise ValueError(f"--k-negatives must be >= 0, got {self.k_negatives}")
 
@@ -106,6 +112,7 @@ class ModelSpec:
     prompter: str | None
     device: str
     k_negatives: int | None
+    prompter_options: tuple[tuple[str, Any], ...] = ()
 
     def load(self) -> tuple[Prompter | None, Segmentor]:
         key = ("models", self)
@@ -121,7 +128,7 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     prompter_name = spec.prompter or spec.model
     if spec.prompter is None and not _has_prompter(spec.model):
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
-    prompter = load_prompter(prompter_name, device=spec.device)
+    prompter = load_prompter(prompter_name, device=spec.device, **dict(spec.prompter_options))
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
         from wsiseg.models.classical import ClassicalPrompter
 
@@ -132,6 +139,27 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
             )
         prompter = replace(prompter, mpp=segmentor.mpp)  # its sizes are in µm: it adapts
     return prompter, segmentor
+
+
+def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
+    """--prompt-selection / --points-per-tile, which only a probability prompter takes."""
+    options: list[tuple[str, Any]] = []
+    if config.prompt_selection is not None:
+        options.append(("selection", config.prompt_selection))
+    if config.points_per_tile is not None:
+        options.append(("points_per_tile", config.points_per_tile))
+    if options:
+        from wsiseg.models.bundles import open_bundle
+        from wsiseg.models.cache import resolve_model
+
+        target = resolve_model(config.prompter or config.model)
+        arch = None if target == "classical" else open_bundle(target).component("prompter").architecture
+        if arch != "unet_prompter":
+            raise ValueError(
+                "--prompt-selection and --points-per-tile apply to probability (UNet) prompters; "
+                f"{config.prompter or config.model!r} has a {arch or 'classical'} prompter"
+            )
+    return tuple(options)
 
 
 def _has_prompter(model: str) -> bool:
@@ -276,7 +304,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     reader = open_slide(slide_path, mpp=config.mpp)
     props = reader.properties
     slide_mpp = float(np.mean(require_mpp(props, slide_path)))
-    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives)
+    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config))
     prompter, segmentor = model_spec.load()
     classes = _classes(prompter)
     if prompter is None and config.prompts_file is None:
@@ -343,9 +371,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     jobs = iter_segmentor_jobs(
         points, splan, k_negatives=segmentor.k_negatives, context_px=segmentor.max_nucleus_diameter_px
     )
-    stem = _stem(slide_path)
-    geojson_path = out_dir / (stem + {"gz": ".geojson.gz", "geojson": ".geojson", "zip": ".geojson.zip"}[config.geojson_format])
-    zarr_path = out_dir / f"{stem}.zarr"
+    geojson_path, zarr_path, report_path, html_path = output_paths(slide_path, out_dir, config)
     provenance = _provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
     writers = _open_writers(geojson_path, zarr_path, config, props, classes, provenance, slide_mpp)
     n_nuclei = n_edge = 0
@@ -377,8 +403,6 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
             w.abort()
         raise
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
-    report_path = out_dir / f"{stem}.report.json"
-    html_path = out_dir / f"{stem}.report.html"
     _write_reports(report_path, html_path, report, reader, zarr_path)
     if n_edge:
         log.warning("%s: %d nuclei reached their tile's outer edge (see report)", slide_path.name, n_edge)
@@ -386,6 +410,31 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def output_paths(slide_path: Path, out_dir: Path, config: RunConfig) -> tuple[Path, Path, Path, Path]:
+    """(GeoJSON, Zarr, report JSON, report HTML) paths a run of this slide writes."""
+    stem = _stem(slide_path)
+    suffix = {"gz": ".geojson.gz", "geojson": ".geojson", "zip": ".geojson.zip"}[config.geojson_format]
+    return (out_dir / f"{stem}{suffix}", out_dir / f"{stem}.zarr", out_dir / f"{stem}.report.json",
+            out_dir / f"{stem}.report.html")
+
+
+def completed_outputs(slide_path: Path, out_dir: Path, config: RunConfig) -> Path | None:
+    """The report of an earlier complete run of this slide into out_dir (same parameters), or None."""
+    import json
+
+    geojson, zarr_path, report, _ = output_paths(slide_path, out_dir, config)
+    if not (geojson.exists() and report.exists() and zarr_path.exists()):
+        return None
+    try:
+        from wsiseg.writers.zarr_store import open_nuclei
+
+        open_nuclei(zarr_path)
+        previous = json.loads(report.read_text())
+    except Exception:
+        return None
+    return report if previous.get("parameters") == config.parameters() else None
 
 
 def _stem(path: Path) -> str:

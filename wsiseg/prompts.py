@@ -23,30 +23,13 @@ def canonical_order(points: PointSet) -> np.ndarray:
 
 
 def point_nms(points: PointSet, radius_px: float) -> PointSet:
-    """Greedy point NMS: visit points by descending score; a kept point suppresses every other
-    point within `radius_px` (Euclidean, classes ignored).  Returns the kept points in
-    canonical order (so the global index of a prompt does not depend on tiling)."""
-    order = canonical_order(points)
-    pts = points.take(order)
-    n = len(pts)
-    if n < 2 or radius_px <= 0:
-        return pts
-    pairs = cKDTree(pts.xy.astype(np.float64)).query_pairs(radius_px, output_type="ndarray")
-    if len(pairs) == 0:
-        return pts
-    # Rank == position in canonical order, so the lower index of a pair always wins it.
-    a = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    b = np.concatenate([pairs[:, 1], pairs[:, 0]])
-    sort = np.argsort(a, kind="stable")
-    a, b = a[sort], b[sort]
-    starts = np.searchsorted(a, np.arange(n + 1))
-    suppressed = np.zeros(n, bool)
-    for i in np.unique(a):
-        if suppressed[i]:
-            continue
-        nb = b[starts[i] : starts[i + 1]]
-        suppressed[nb[nb > i]] = True
-    return pts.take(~suppressed)
+    """Greedy point NMS over the global set (the prompter's rule: by descending score, a kept
+    point suppresses every other point within `radius_px`, classes ignored).  Returns the kept
+    points in canonical order, so a prompt's global index does not depend on tiling."""
+    from wsiseg.models.prompters.point_nms import point_nms as greedy_nms
+
+    pts = points.take(canonical_order(points))  # ties in score then fall to canonical order
+    return pts.take(greedy_nms(pts.xy, pts.score, radius_px))
 
 
 def nearest_negatives(xy: np.ndarray, k: int, max_distance_px: float) -> np.ndarray:

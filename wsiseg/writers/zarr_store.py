@@ -65,7 +65,7 @@ FORMAT_VERSION = 1
 ROW_CHUNK = 65_536  # rows per chunk of per-object arrays (and per write block)
 ROW_SHARD = 16 * ROW_CHUNK
 COORD_CHUNK = 131_072  # coordinate pairs per chunk (2 MiB float64)
-COORD_SHARD = 16 * COORD_CHUNK
+COORD_SHARD = 8 * COORD_CHUNK  # 16 MiB: what a write buffers, whatever the slide size
 _OBJECT_COLUMNS = {  # name -> (dtype, trailing shape)
     "centroid": ("f8", (2,)),
     "bbox": ("f8", (4,)),
@@ -392,7 +392,7 @@ class ZarrWriter:
     def _write_ragged(self, objects: Any) -> None:
         """geom_offsets, ring_offsets and coords in sorted row order, gathered piece by piece."""
         order = self._order
-        ring_start, n_rings, coord_start, n_coords, ring_len, coords = self._ragged_spool()
+        ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
         geom = self._array(objects, "geom_offsets", (self._n + 1,), "i8", ROW_CHUNK, ROW_SHARD)
         rings = _Appender(
             self._array(objects, "ring_offsets", (self._rings + 1,), "i8", ROW_CHUNK, ROW_SHARD), ROW_CHUNK
@@ -407,7 +407,10 @@ class ZarrWriter:
             lengths = ring_len[ring_idx]
             rings.append(coord_base + np.cumsum(lengths) - lengths)
             for part in np.array_split(np.arange(len(idx)), max(1, int(n_coords[idx].sum()) // COORD_CHUNK + 1)):
+                # a fresh map per piece: touched pages leave the process when it is dropped (flat RSS)
+                coords = self._spool.load("coords")
                 xy.append(np.asarray(coords[concat_ranges(coord_start[idx[part]], n_coords[idx[part]])]))
+                del coords
             ring_base += len(ring_idx)
             coord_base += int(lengths.sum())
         geom[self._n] = ring_base
@@ -428,7 +431,7 @@ class ZarrWriter:
         labels = self._root.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["nuclei"]}})
         levels = create_label_pyramid(labels, "nuclei", shape, self.label_mpp)
         bbox = self._spool.load("bbox")
-        ring_start, n_rings, coord_start, n_coords, ring_len, coords = self._ragged_spool()
+        ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
         tile_offsets = np.asarray(self._root["objects/tile_offsets"][:])
         n_tx, n_ty = self._grid()
         for y0, y1, x0, x1 in iter_shards(shape, label_grid(shape)[1]):
@@ -440,12 +443,14 @@ class ZarrWriter:
             if len(objs) == 0:
                 continue
             canvas = np.zeros((y1 - y0, x1 - x0), np.uint32)
+            coords = self._spool.load("coords")  # re-mapped per shard, so RSS stays flat
             for part in np.array_split(objs, -(-len(objs) // 16384)):  # pixels keep the max label: any order
                 nr = n_rings[part].astype(np.int64)
                 lens = ring_len[concat_ranges(ring_start[part], nr)]
                 xy = coords[concat_ranges(coord_start[part], n_coords[part])]
                 offsets = np.concatenate([[0], np.cumsum(lens)]), np.concatenate([[0], np.cumsum(nr)])
                 rasterize_polygons(canvas, xy, *offsets, part + 1, (x0, y0))
+            del coords
             write_label_block(levels, canvas, y0, x0)
 
 
