@@ -30,25 +30,27 @@ class FrameTransform:
 
 
 def trace_outline(mask: np.ndarray) -> np.ndarray:
-    """Pixel-edge outline of the largest 8-connected blob of a 2-D bool mask.
+    """Pixel-edge outline of the largest 8-connected blob of a 2-D bool or uint8 mask.
 
     Returns (k, 2) int64 vertices (x, y) in the mask's pixel-edge frame, not closed, corners
-    only.  Uses a 2x nearest upsampling so that OpenCV's centre-based border following lands
-    on pixel edges: an upsampled index u maps to the edge ceil(u / 2).
+    only; holes are not traced (the outline encloses them).  Uses a 2x nearest upsampling so
+    that OpenCV's centre-based border following lands on pixel edges: with one pixel of
+    padding, an upsampled index u maps to the edge u // 2.
     """
-    up = np.zeros((2 * mask.shape[0] + 2, 2 * mask.shape[1] + 2), np.uint8)
-    up[1:-1, 1:-1] = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
+    h, w = mask.shape
+    up = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)
+    up[1:-1, 1:-1] = cv2.resize(mask.view(np.uint8), (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return _EMPTY_RING
-    c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.int64) - 1
-    xy = (c + 1) // 2
-    keep = np.any(xy != np.roll(xy, 1, axis=0), axis=1)
-    xy = xy[keep]
-    # Drop vertices that sit in the middle of a straight run.
-    prev, nxt = np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0)
-    cross = (xy[:, 0] - prev[:, 0]) * (nxt[:, 1] - xy[:, 1]) - (xy[:, 1] - prev[:, 1]) * (nxt[:, 0] - xy[:, 0])
-    return xy[cross != 0] if np.count_nonzero(cross) >= 3 else xy
+    c = contours[0] if len(contours) == 1 else max(contours, key=cv2.contourArea)
+    xy = c[:, 0, :].astype(np.int64) // 2
+    xy = xy[(xy != np.concatenate([xy[1:], xy[:1]])).any(axis=1)]  # consecutive duplicates
+    if len(xy) < 3:
+        return xy
+    prev, nxt = np.concatenate([xy[-1:], xy[:-1]]), np.concatenate([xy[1:], xy[:1]])
+    straight = ((prev[:, 0] == xy[:, 0]) & (xy[:, 0] == nxt[:, 0])) | ((prev[:, 1] == xy[:, 1]) & (xy[:, 1] == nxt[:, 1]))
+    return xy[~straight]
 
 
 def resolve_overlaps(
@@ -63,23 +65,6 @@ def resolve_overlaps(
         region = canvas[y0:y1, x0:x1]
         region[masks.masks[i]] = i + 1
     return canvas
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask with every background region not connected to its border filled."""
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
-    padded[1:-1, 1:-1] = mask
-    flood = np.zeros((mask.shape[0] + 4, mask.shape[1] + 4), np.uint8)
-    cv2.floodFill(padded, flood, (0, 0), 1, flags=4)
-    return mask | (padded[1:-1, 1:-1] == 0)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
-    if n <= 2:
-        return mask
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return lab == best
 
 
 def stitch_tile(
@@ -120,18 +105,19 @@ def stitch_tile(
         x0, y0, x1, y1 = masks.bbox_px[i]
         if x1 <= x0 or y1 <= y0:
             continue
-        own = canvas[y0:y1, x0:x1] == i + 1
-        if not own.any():
+        own = (canvas[y0:y1, x0:x1] == i + 1).view(np.uint8)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(own, connectivity=4)
+        if n < 2:
+            continue  # every pixel went to higher-priority neighbours
+        if n > 2:  # split by a neighbour: keep the largest 4-connected part
+            own = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).view(np.uint8)
+        ring = trace_outline(own)  # the outline encloses any holes: filled
+        if len(ring) < 4:
             continue
-        region = canvas[y0:y1, x0:x1]
-        # Fill holes, but never over pixels another nucleus won.
-        own = _fill_holes(_largest_component(own)) & ((region == 0) | (region == i + 1))
-        if np.count_nonzero(own) < min_area_px:
+        m = cv2.moments(ring.astype(np.float32))  # of the filled polygon
+        if m["m00"] < min_area_px:
             continue
-        ring = trace_outline(own)
-        if len(ring) < 3:
-            continue
-        moments.append(_moments(own, hematoxylin_od[y0:y1, x0:x1]))
+        moments.append(_shape_moments(m) + (cv2.mean(hematoxylin_od[y0:y1, x0:x1], own)[0],))
         rings.append(ring + np.array([x0 + ox, y0 + oy]))
         rows.append(i)
         touches.append(bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h))
@@ -139,8 +125,7 @@ def stitch_tile(
         return NucleusTable.empty()
     idx = np.asarray(rows)
     s = transform.scale
-    polys_w = _polygons(rings, 1.0)
-    polys_l0 = _polygons(rings, s)
+    polys_w, polys_l0 = _polygons(rings, (1.0, s))
     mom = np.asarray(moments, np.float64)
     area_w = shapely.area(polys_w)
     hull_area = shapely.area(shapely.convex_hull(polys_w))
@@ -159,29 +144,25 @@ def stitch_tile(
     return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, np.asarray(touches))
 
 
-def _polygons(rings: list[np.ndarray], scale: float) -> np.ndarray:
-    """Closed single-ring shapely Polygons from open vertex rings, coordinates times `scale`."""
-    closed = [np.vstack([r, r[:1]]) for r in rings]
-    ring_offsets = np.concatenate([[0], np.cumsum([len(r) for r in closed])])
-    coords = np.concatenate(closed).astype(np.float64) * scale
-    geom_offsets = np.arange(len(closed) + 1)
-    return shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
+def _polygons(rings: list[np.ndarray], scales: tuple[float, ...]) -> list[np.ndarray]:
+    """Closed single-ring shapely Polygons from open vertex rings, once per scale factor."""
+    lengths = np.array([len(r) + 1 for r in rings])
+    ring_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    coords = np.concatenate([np.concatenate([r, r[:1]]) for r in rings]).astype(np.float64)
+    geom_offsets = np.arange(len(rings) + 1)
+    return [
+        shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords * scale, (ring_offsets, geom_offsets))
+        for scale in scales
+    ]
 
 
-def _moments(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
-    """Eccentricity, major and minor axis (px, as 4*sqrt of the covariance eigenvalues) of a
-    bool mask, and the mean of `od` over it."""
-    m8 = mask.view(np.uint8)
-    m = cv2.moments(m8, binaryImage=True)
+def _shape_moments(m: dict[str, float]) -> tuple[float, float, float]:
+    """Eccentricity, major and minor axis (px; 4*sqrt of the covariance eigenvalues, as for an
+    ellipse) from the moments of a filled polygon."""
     n = m["m00"]
-    mean_od = float(cv2.mean(np.ascontiguousarray(od, np.float32), m8)[0])
-    if n < 2:
-        return 0.0, 1.0, 1.0, mean_od
-    cxx = m["mu20"] / n + 1 / 12  # each pixel is a unit square, not a point
-    cyy = m["mu02"] / n + 1 / 12
-    cxy = m["mu11"] / n
+    cxx, cyy, cxy = m["mu20"] / n, m["mu02"] / n, m["mu11"] / n
     half_tr, det = (cxx + cyy) / 2, cxx * cyy - cxy * cxy
     root = float(np.sqrt(max(half_tr * half_tr - det, 0.0)))
     l1, l2 = half_tr + root, max(half_tr - root, 0.0)
     ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2)), mean_od
+    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2))
