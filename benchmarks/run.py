@@ -79,7 +79,7 @@ def child(slide: Path, out: Path, args: argparse.Namespace, workers: int) -> dic
 
     sched = SchedulerConfig(scheduler="synchronous") if workers == 0 else SchedulerConfig(workers=workers)
     config = RunConfig(
-        model=args.model, tile_size_px=args.tile_size, overlap_px=args.overlap, scheduler=sched,
+        model=args.model, prompter=args.prompter, tile_size_px=args.tile_size, overlap_px=args.overlap, scheduler=sched,
         batch_tiles=args.batch_tiles, device=args.device,
     )
     t = time.perf_counter()
@@ -110,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--model", default="classical")
+    p.add_argument("--prompter", default=None, help="prompter to pair with a segmentor-only bundle")
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-tiles", type=int, default=8)
@@ -132,6 +133,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": __import__("os").cpu_count()},
         "model": args.model,
+        "prompter": args.prompter,
         "tile_size": args.tile_size,
         "runs": [],
     }
@@ -144,6 +146,7 @@ def main() -> None:
         entry["read_vs_bare"] = round(entry["wsiseg_read"]["tiles_per_s"] / entry["bare_decode"]["tiles_per_s"], 3)
         for workers in ([0, args.workers] if args.workers else [0]):
             cmd = [sys.executable, __file__, "--model", args.model, "--tile-size", str(args.tile_size),
+                   *(["--prompter", args.prompter] if args.prompter else []),
                    "--overlap", str(args.overlap), "--batch-tiles", str(args.batch_tiles), "--device", args.device,
                    "--child", str(slide), str(args.out / f"run-{size}-{workers}"), str(workers)]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)

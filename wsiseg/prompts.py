@@ -32,23 +32,26 @@ def point_nms(points: PointSet, radius_px: float) -> PointSet:
     return pts.take(greedy_nms(pts.xy, pts.score, radius_px))
 
 
-def nearest_negatives(xy: np.ndarray, k: int, max_distance_px: float) -> np.ndarray:
-    """For each of the (N, 2) points, the indices of its k nearest *other* points within
-    `max_distance_px`, nearest first; -1 where there are fewer.  Returns (N, k) int64."""
-    n = len(xy)
+def nearest_negatives(
+    xy: np.ndarray, k: int, max_distance_px: float, *, ids: np.ndarray | None = None, tree: cKDTree | None = None
+) -> np.ndarray:
+    """For each of the points `ids` (default: all) of the (N, 2) set, the indices of its k
+    nearest *other* points within `max_distance_px`, nearest first; -1 where there are fewer.
+    Returns (len(ids), k) int64."""
+    ids = np.arange(len(xy)) if ids is None else np.asarray(ids, np.int64)
+    n = len(ids)
     if k <= 0 or n == 0:
         return np.full((n, max(k, 0)), -1, np.int64)
-    tree = cKDTree(xy.astype(np.float64))
-    kk = min(k + 1, n)
-    dist, idx = tree.query(xy, k=kk, distance_upper_bound=max_distance_px)
-    dist = dist.reshape(n, kk)
+    tree = cKDTree(xy.astype(np.float64)) if tree is None else tree
+    kk = min(k + 1, len(xy))
+    dist, idx = tree.query(xy[ids], k=kk, distance_upper_bound=max_distance_px)
     idx = idx.reshape(n, kk)
+    valid = (idx != len(xy)) & (idx != ids[:, None]) & np.isfinite(dist.reshape(n, kk))
+    # keep the first k valid entries of each row, in order
+    rank = np.cumsum(valid, axis=1) - 1
     out = np.full((n, k), -1, np.int64)
-    self_idx = np.arange(n)[:, None]
-    valid = (idx != n) & (idx != self_idx) & np.isfinite(dist)
-    for row in range(n):  # at most k+1 entries a row; rows are few thousand per batch
-        cand = idx[row][valid[row]][:k]
-        out[row, : len(cand)] = cand
+    rows, cols = np.nonzero(valid & (rank < k))
+    out[rows, rank[rows, cols]] = idx[rows, cols]
     return out
 
 
@@ -99,7 +102,6 @@ def iter_segmentor_jobs(
     xy = points.xy
     halo = plan.offset_px
     owner = plan.owner_of(xy)
-    neg = nearest_negatives(xy, k_negatives, max_distance_px=float(halo))
     tree = cKDTree(xy.astype(np.float64)) if len(xy) else None
     sort = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[sort], np.arange(plan.count + 1))
@@ -110,6 +112,7 @@ def iter_segmentor_jobs(
             continue
         context = _context_prompts(tree, spec, halo, context_px, owner, int(t))
         ids = np.concatenate([owned, context]).astype(np.int64)
+        neg = nearest_negatives(xy, k_negatives, float(halo), ids=ids, tree=tree)  # per tile: no (N, k) table
         batch = _prompt_batch(xy, ids, neg, spec)
         yield SegmentorJob(spec, ids, len(owned), batch, points.score[ids], points.class_id[ids])
 
@@ -139,6 +142,7 @@ def _context_prompts(
 
 
 def _prompt_batch(xy: np.ndarray, ids: np.ndarray, neg: np.ndarray, spec: TileSpec) -> PromptBatch:
+    """neg: (len(ids), k) global indices of each prompt's negatives, -1 for none."""
     k = neg.shape[1]
     origin = np.array([spec.x0, spec.y0], np.float64)
     pts = np.zeros((len(ids), 1 + k, 2), np.float32)
@@ -146,7 +150,7 @@ def _prompt_batch(xy: np.ndarray, ids: np.ndarray, neg: np.ndarray, spec: TileSp
     pts[:, 0] = xy[ids] - origin
     labels[:, 0] = 1
     if k:
-        nb = neg[ids]
+        nb = neg
         has = nb >= 0
         pts[:, 1:][has] = (xy[nb[has]] - origin).astype(np.float32)
         labels[:, 1:][has] = 0
