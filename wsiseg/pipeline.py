@@ -27,7 +27,7 @@ from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
 from wsiseg.nuclei import NucleusTable
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
-from wsiseg.tiling import TilePlan, plan_prompter_tiles, plan_segmentor_tiles
+from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,13 @@ loaded on first use.
 from __future__ import annotations
 
 import importlib
+
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from wsiseg._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import (
@@ -78,17 +81,7 @@ PROMPTER_BUILDERS: dict[str, tuple[str, str]] = {
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wsiseg.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)
 
 
 def _builder(table: dict[str, tuple[str, str]], architecture: str) -> Any:

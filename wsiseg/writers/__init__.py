@@ -7,8 +7,8 @@ Names load lazily so ``import wsiseg.writers`` stays cheap (zarr loads on first 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from wsiseg._lazy import lazy_attributes
 
 _EXPORTS = {
     "GeoJSONWriter": "wsiseg.writers.geojson",
@@ -41,12 +41,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wsiseg.writers' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals(), __all__)

@@ -37,6 +37,7 @@ import shapely
 from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import NucleusTable
 from wsiseg.writers.report import jsonable
+from wsiseg.writers.base import StreamingWriter
 
 __all__ = ["GeoJSONSummary", "GeoJSONWriter", "check_qupath_geojson", "make_qupath_valid"]
 
@@ -120,7 +121,7 @@ def _members_json(members: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
-class GeoJSONWriter:
+class GeoJSONWriter(StreamingWriter):
     """Stream nuclei into a QuPath-importable GeoJSON file.
 
     path: final file; its suffix must match `fmt` (.geojson.gz for "gz", .geojson for
@@ -274,15 +275,6 @@ class GeoJSONWriter:
             except Exception:  # noqa: BLE001 - best effort while discarding
                 pass
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> GeoJSONWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
 
     # -- formatting --------------------------------------------------------------------
     def _format(self, table: NucleusTable, label_id: np.ndarray) -> list[str]:

@@ -56,6 +56,7 @@ from wsiseg.writers.labels import (
     write_label_block,
 )
 from wsiseg.writers.report import jsonable
+from wsiseg.writers.base import StreamingWriter
 
 __all__ = ["NucleiStore", "NucleiStoreError", "ZarrWriter", "open_nuclei"]
 
@@ -167,7 +168,7 @@ class _Appender:
             raise RuntimeError(f"internal error: wrote {self.pos} rows into an array of {self.array.shape[0]}")
 
 
-class ZarrWriter:
+class ZarrWriter(StreamingWriter):
     """Stream NucleusTables into a nuclei Zarr store (layout in the module docstring).
 
     path: final store folder (``<stem>.zarr``); the store is built under
@@ -302,15 +303,6 @@ class ZarrWriter:
         self._closed = True
         self._spool.close()
         shutil.rmtree(self.partial, ignore_errors=True)
-
-    def __enter__(self) -> ZarrWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
 
     def _publish(self) -> None:
         if self.path.exists():

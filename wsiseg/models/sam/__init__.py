@@ -10,8 +10,8 @@ Names load lazily, so `import wsiseg.models.sam` does not import torch:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from wsiseg._lazy import lazy_attributes
 
 _EXPORTS: dict[str, str] = {
     "SamSegmentor": "segmentor",
@@ -60,14 +60,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {k: f"{__name__}.{v}" for k, v in _EXPORTS.items()}, globals(), __all__
+)
