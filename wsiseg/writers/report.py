@@ -83,9 +83,10 @@ def density_map(centroids_thumb: np.ndarray, shape_hw: tuple[int, int], *, bin_p
     h, w = shape_hw
     gh, gw = max(1, -(-h // bin_px)), max(1, -(-w // bin_px))
     pts = np.asarray(centroids_thumb, np.float64).reshape(-1, 2)
+    pts = pts[np.isfinite(pts).all(axis=1)]
     gx = np.floor(pts[:, 0] / bin_px).astype(np.int64)
     gy = np.floor(pts[:, 1] / bin_px).astype(np.int64)
-    ok = (gx >= 0) & (gx < gw) & (gy >= 0) & (gy < gh) & np.isfinite(pts).all(axis=1)
+    ok = (gx >= 0) & (gx < gw) & (gy >= 0) & (gy < gh)
     counts = np.bincount(gy[ok] * gw + gx[ok], minlength=gh * gw)
     return counts.reshape(gh, gw).astype(np.float32)
 
