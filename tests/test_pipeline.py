@@ -187,3 +187,43 @@ def test_an_existing_dask_scheduler_gives_the_same_nuclei(small_slide: Any, base
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         result = run_slide(small_slide[0], tmp_path, _config(scheduler=SchedulerConfig(scheduler=cluster.scheduler_address)))
     assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)
+
+
+def test_resumed_run_equals_uninterrupted_and_recomputes_only_the_rest(
+    small_slide: Any, baseline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiseg.pipeline as pipeline
+
+    read, segment, stitch = pipeline.SEGMENTOR_STAGES
+    calls = {"segment": 0, "prompter": 0}
+    fail_at = {"n": 4}
+
+    def counting_segment(*args: Any) -> Any:
+        calls["segment"] += 1
+        if calls["segment"] == fail_at["n"]:
+            raise KeyboardInterrupt("killed")
+        return segment.fn(*args)
+
+    p_read, p_model = pipeline.PROMPTER_STAGES
+
+    def counting_prompter(*args: Any) -> Any:
+        calls["prompter"] += 1
+        return p_model.fn(*args)
+
+    monkeypatch.setattr(pipeline, "SEGMENTOR_STAGES", (read, replace(segment, fn=counting_segment), stitch))
+    monkeypatch.setattr(pipeline, "PROMPTER_STAGES", (p_read, replace(p_model, fn=counting_prompter)))
+    config = _config(batch_tiles=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(small_slide[0], tmp_path, config)
+    work = tmp_path / ".wsiseg-work"
+    assert len(list(work.rglob("batch-*.npz"))) == 3 and len(list(work.rglob("prompts.npz"))) == 1
+    first_prompter_calls = calls["prompter"]
+
+    fail_at["n"] = -1
+    calls["segment"] = 0
+    result = run_slide(small_slide[0], tmp_path, config)
+    assert calls["prompter"] == first_prompter_calls  # the prompt set came from the checkpoint
+    n_batches = -(-result.report_data["counts"]["segmentor_tiles"] // 2)
+    assert calls["segment"] == n_batches - 3  # only the batches not saved before the kill
+    assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)
+    assert not work.exists()

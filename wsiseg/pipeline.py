@@ -24,6 +24,7 @@ import numpy as np
 
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
+from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key
 from wsiseg.nuclei import NucleusTable
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
@@ -318,50 +319,19 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     width, height = scaled.size_px
     timings["open"] = time.perf_counter() - t_start
 
-    # -- tissue
-    t = time.perf_counter()
-    tissue = _tissue(reader, config, slide_mpp)
-    timings["tissue"] = time.perf_counter() - t
-
-    # -- prompter
-    t = time.perf_counter()
-    if config.prompts_file is not None:
-        from wsiseg.models.prompters.file_prompts import read_prompt_file
-
-        # GeoJSON points are in QuPath's frame (bounds subtracted, as wsiseg writes them); CSV in level 0.
-        is_geojson = ".geojson" in config.prompts_file.name.lower() or config.prompts_file.suffix.lower() == ".json"
-        bounds = props.bounds_l0 if is_geojson and props.bounds_l0 else (0, 0)
-        pts_l0 = read_prompt_file(config.prompts_file, classes=classes, offset_l0=(bounds[0], bounds[1]))
-        points = PointSet(scaled.from_l0(pts_l0.xy), pts_l0.score, pts_l0.class_id)
-        nms_radius = 0.0
-        n_prompter_tiles = 0
+    # -- tissue, prompter and the global prompt set (or their checkpoint)
+    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, _decisive(config, model_spec)))
+    saved = checkpoint.load_prompts()
+    if saved is not None:
+        points, counts = saved
+        log.info("%s: resuming from %s", slide_path.name, checkpoint.folder)
     else:
-        assert prompter is not None
-        prompter_overlap = _prompter_overlap(config, prompter, tile_px)
-        pplan = plan_prompter_tiles(width, height, tile_px, prompter_overlap)
-        ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if _tile_in_tissue(s, tissue, scaled)]
-        n_prompter_tiles = len(ptiles)
-        found: list[PointSet] = []
-        done = 0
-        for pts, tm in runner.map_chain(_batches(ptiles, config.batch_tiles), PROMPTER_STAGES, slide_spec, model_spec):
-            found.append(pts)
-            _add(work, tm)
-            done += min(config.batch_tiles, n_prompter_tiles - done)
-            progress("prompter", done, n_prompter_tiles, sum(len(f) for f in found))
-        points = PointSet.concat(found)
-        nms_radius = prompter.nms_radius_px
-    timings["prompter"] = time.perf_counter() - t
-
-    # -- merge into one global prompt set
-    t = time.perf_counter()
-    n_raw = len(points)
-    if len(points):
-        inside = tissue.contains_points_l0(scaled.to_l0(points.xy)) if config.prompts_file is None else (
-            (points.xy[:, 0] >= 0) & (points.xy[:, 1] >= 0) & (points.xy[:, 0] < width) & (points.xy[:, 1] < height)
+        points, counts = _global_prompts(
+            config, reader, props, scaled, prompter, classes, slide_mpp, tile_px, slide_spec, model_spec,
+            runner, progress, timings, work,
         )
-        points = points.take(inside)
-    points = point_nms(points, nms_radius)
-    timings["merge"] = time.perf_counter() - t
+        checkpoint.save_prompts(points, counts)
+    n_prompter_tiles, n_raw = counts["prompter_tiles"], counts["points_raw"]
 
     # -- segmentor + stitch, streamed into the writers
     t = time.perf_counter()
@@ -377,7 +347,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     n_nuclei = n_edge = 0
     try:
         done = 0
-        for table, tm in runner.map_chain(_batches(jobs, config.batch_tiles), SEGMENTOR_STAGES, slide_spec, model_spec):
+        for table, tm in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec):
             _add(work, tm)
             tw = time.perf_counter()
             for w in writers:
@@ -404,9 +374,83 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         raise
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
     _write_reports(report_path, html_path, report, reader, zarr_path)
+    checkpoint.clear()
     if n_edge:
         log.warning("%s: %d nuclei reached their tile's outer edge (see report)", slide_path.name, n_edge)
     return SlideResult(slide_path, geojson_path, zarr_path, report_path, html_path, n_nuclei, report)
+
+
+def _global_prompts(
+    config: RunConfig, reader: Any, props: Any, scaled: Any, prompter: Prompter | None,
+    classes: Sequence[NucleusClass], slide_mpp: float, tile_px: int, slide_spec: SlideSpec,
+    model_spec: ModelSpec, runner: Runner, progress: ProgressFn, timings: dict[str, float], work: dict[str, float],
+) -> tuple[PointSet, dict[str, int]]:
+    """Tissue, prompter tiles and point NMS: the slide's one global prompt set (working frame)."""
+    width, height = scaled.size_px
+    t = time.perf_counter()
+    tissue = _tissue(reader, config, slide_mpp)
+    timings["tissue"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_prompter_tiles = 0
+    if config.prompts_file is not None:
+        from wsiseg.models.prompters.file_prompts import read_prompt_file
+
+        # GeoJSON points are in QuPath's frame (bounds subtracted, as wsiseg writes them); CSV in level 0.
+        is_geojson = ".geojson" in config.prompts_file.name.lower() or config.prompts_file.suffix.lower() == ".json"
+        bounds = props.bounds_l0 if is_geojson and props.bounds_l0 else (0, 0)
+        pts_l0 = read_prompt_file(config.prompts_file, classes=classes, offset_l0=(bounds[0], bounds[1]))
+        points = PointSet(scaled.from_l0(pts_l0.xy), pts_l0.score, pts_l0.class_id)
+        xy = points.xy
+        points = points.take((xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < width) & (xy[:, 1] < height))
+        nms_radius = 0.0
+    else:
+        assert prompter is not None
+        pplan = plan_prompter_tiles(width, height, tile_px, _prompter_overlap(config, prompter, tile_px))
+        ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if _tile_in_tissue(s, tissue, scaled)]
+        n_prompter_tiles = len(ptiles)
+        found: list[PointSet] = []
+        n_found = 0
+        for pts, tm in runner.map_chain(_batches(ptiles, config.batch_tiles), PROMPTER_STAGES, slide_spec, model_spec):
+            found.append(pts)
+            _add(work, tm)
+            n_found += len(pts)
+            progress("prompter", min(len(found) * config.batch_tiles, n_prompter_tiles), n_prompter_tiles, n_found)
+        points = PointSet.concat(found)
+        if len(points):
+            points = points.take(tissue.contains_points_l0(scaled.to_l0(points.xy)))
+        nms_radius = prompter.nms_radius_px
+    timings["prompter"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_raw = len(points)
+    points = point_nms(points, nms_radius)
+    timings["merge"] = time.perf_counter() - t
+    return points, {"prompter_tiles": n_prompter_tiles, "points_raw": n_raw}
+
+
+def _segmentor_results(
+    jobs: Iterable[Any], config: RunConfig, checkpoint: SlideCheckpoint, runner: Runner,
+    slide_spec: SlideSpec, model_spec: ModelSpec,
+) -> Iterator[tuple[NucleusTable, dict[str, float]]]:
+    """Each segmentor batch's nuclei, in order: the checkpointed prefix from disk, the rest
+    computed (and checkpointed before the writers see it)."""
+    batches = _batches(jobs, config.batch_tiles)
+    n_saved = checkpoint.saved_batches()
+    for index in range(n_saved):
+        next(batches, None)
+        yield checkpoint.load_batch(index)
+    for index, (table, times) in enumerate(runner.map_chain(batches, SEGMENTOR_STAGES, slide_spec, model_spec), n_saved):
+        checkpoint.save_batch(index, table, times)
+        yield table, times
+
+
+def _decisive(config: RunConfig, model_spec: ModelSpec) -> dict[str, Any]:
+    """What decides a run's nuclei (for checkpoint keys): parameters minus output-only options."""
+    params = config.parameters()
+    for output_only in ("geojson_format", "write_labels", "device"):
+        params.pop(output_only, None)
+    return {"parameters": params, "models": [model_spec.model, model_spec.prompter], "version": __version__}
 
 
 # --------------------------------------------------------------------------- helpers
