@@ -159,26 +159,35 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
     except ValueError as exc:
         _fail(str(exc), None)
         return 2
+    from wsiseg.cohort import Ledger
     from wsiseg.pipeline import completed_outputs
 
     failed = 0
+    ledger = Ledger(out_dir, slides)
     with Runner(config.scheduler) as runner:
         for slide in slides:
             done = None if kw["overwrite"] else completed_outputs(slide, out_dir, config)
             if done is not None:
+                ledger.mark(slide, "skipped", report=str(done))
                 if not kw["quiet"]:
                     click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
                 continue
             progress = Progress(slide.name, not kw["quiet"])
+            ledger.mark(slide, "running")
             try:
                 result = run_slide(slide, out_dir, config, runner=runner, progress=progress)
             except Exception as exc:  # one bad slide never stops the others
                 failed += 1
                 log.debug("%s failed", slide, exc_info=True)
+                ledger.mark(slide, "failed", reason=" ".join(str(exc).split()))
                 _fail(f"{slide}: {exc}", log_path)
                 continue
+            ledger.mark(slide, "done", nuclei=result.n_nuclei, report=str(result.report))
             if not kw["quiet"]:
                 click.echo(f"{slide.name}: {result.n_nuclei} nuclei -> {result.geojson}, {result.zarr}")
+    if len(slides) > 1 and not kw["quiet"]:
+        counts = ledger.counts()
+        click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed ({ledger.path})")
     return 1 if failed else 0
 
 

@@ -39,6 +39,11 @@ def test_one_bad_slide_does_not_stop_the_others(text_as_svs: Path, png_image: Pa
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(text_as_svs) in errors[0] and "wsiseg.log" in errors[0]
     assert "Traceback" in (tmp_path / "wsiseg.log").read_text()
+    ledger = json.loads((tmp_path / "wsiseg-ledger.json").read_text())
+    assert ledger["slides"][str(text_as_svs)]["state"] == "failed"
+    assert str(text_as_svs) in ledger["slides"][str(text_as_svs)]["reason"]
+    assert ledger["slides"][str(png_image)]["state"] == "done"
+    assert ledger["counts"]["done"] == 1 and ledger["counts"]["failed"] == 1
 
 
 def test_missing_mpp_message_names_the_option(no_mpp_tiff: Path, tmp_path: Path) -> None:
