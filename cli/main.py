@@ -242,14 +242,14 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
         _fail(str(exc), None)
         sys.exit(2)
     p = reader.properties
-    data = {
+    levels = [{"width": w, "height": h, "downsample": d} for (w, h), d in zip(p.level_dimensions, p.level_downsamples)]
+    data: dict[str, Any] = {
         "path": str(slide),
         "reader": p.reader,
         "vendor": p.vendor,
         "width": p.size_l0[0],
         "height": p.size_l0[1],
-        "levels": [{"width": w, "height": h, "downsample": d}
-                   for (w, h), d in zip(p.level_dimensions, p.level_downsamples)],
+        "levels": levels,
         "mpp": list(p.mpp) if p.mpp else None,
         "objective_power": p.objective_power,
         "bounds": list(p.bounds_l0) if p.bounds_l0 else None,
@@ -265,7 +265,7 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     click.echo(f"  mpp        {mpp_text}")
     click.echo(f"  objective  {p.objective_power if p.objective_power else 'unknown'}")
     click.echo(f"  bounds     {data['bounds'] if data['bounds'] else 'none'}")
-    for i, lvl in enumerate(data["levels"]):
+    for i, lvl in enumerate(levels):
         click.echo(f"  level {i}    {lvl['width']} x {lvl['height']}  downsample {lvl['downsample']:.3f}")
 
 

@@ -18,7 +18,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
 
 log = logging.getLogger(__name__)
 
-GEOJSON_FORMATS = ("gz", "geojson", "zip")
+GeoJSONFormat = Literal["gz", "geojson", "zip"]
+GEOJSON_FORMATS: tuple[GeoJSONFormat, ...] = ("gz", "geojson", "zip")
 #: Smaller remnants (e.g. a prompt whose mask lost every pixel but a few to a neighbour) are dropped.
 MIN_NUCLEUS_AREA_UM2 = 4.0
 STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
@@ -50,7 +51,7 @@ class RunConfig:
     mpp: float | None = None
     tissue_detection: bool = True
     roi: Path | None = None
-    geojson_format: str = "gz"
+    geojson_format: GeoJSONFormat = "gz"
     write_labels: bool = True
     device: str = "cpu"
     k_negatives: int | None = None
