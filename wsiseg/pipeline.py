@@ -391,6 +391,11 @@ def _global_prompts(
     t = time.perf_counter()
     tissue = _tissue(reader, config, slide_mpp)
     timings["tissue"] = time.perf_counter() - t
+    if tissue.is_empty and config.prompts_file is None:
+        log.warning(
+            "%s: no tissue found, so no nuclei; if the slide does hold tissue, run with "
+            "--no-tissue-detection or give the region with --roi", props.path.name if props.path else "slide",
+        )
 
     t = time.perf_counter()
     n_prompter_tiles = 0
