@@ -113,15 +113,18 @@ def require_mpp(props: SlideProperties, path: Path | str | None = None) -> tuple
 
 def rgb_on_white(pixels: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8 RGB from (h, w), (h, w, 1|2|3|4) uint8: grey is repeated, alpha
-    (straight, not premultiplied) is composited onto white."""
+    (straight, not premultiplied) is composited onto white.  Opaque RGBA comes back as a
+    view (not contiguous); callers that need contiguity copy."""
     if pixels.dtype != np.uint8:
         raise SlideError(f"pixels are {pixels.dtype}; only 8-bit slides are supported")
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     channels = pixels.shape[2]
-    if channels in (2, 4) and pixels[..., -1].min() == 255:  # opaque: no compositing needed
-        pixels = pixels[..., :-1]
-        channels -= 1
+    if channels == 4 and pixels[..., 3].min() == 255:  # opaque RGBA: drop alpha without a copy
+        return pixels[..., :3]
+    if channels == 2 and pixels[..., 1].min() == 255:
+        pixels = pixels[..., :1]
+        channels = 1
     elif channels in (2, 4):
         colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
         pixels = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
