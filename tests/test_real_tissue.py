@@ -38,3 +38,20 @@ def test_classical_model_finds_plausible_nuclei_in_real_tissue(ihc_png: Path, tm
 
     od = hematoxylin_od(np.asarray(Image.open(ihc_png).convert("RGB")))
     assert np.median(table.measurements["hematoxylin_od_mean"]) > np.median(od) + 0.05
+
+
+def test_tile_size_does_not_change_nuclei_when_tissue_reaches_the_image_edge(ihc_png: Path, tmp_path: Path) -> None:
+    import shapely
+
+    sets = []
+    for tile in (256, 1024):
+        result = run_slide(
+            ihc_png, tmp_path / str(tile),
+            RunConfig(mpp=0.5, tissue_detection=False, tile_size_px=tile,
+                      scheduler=SchedulerConfig(scheduler="synchronous")),
+        )
+        polys = open_nuclei(result.zarr).table().polygons()
+        # nothing lies outside the image, although tiles read mirrored content beyond it
+        assert shapely.total_bounds(polys)[2] <= 512 and shapely.total_bounds(polys)[0] >= 0
+        sets.append({shapely.to_wkb(shapely.normalize(p)) for p in polys})
+    assert sets[0] == sets[1]

@@ -21,9 +21,11 @@ def test_prompter_cores_partition_the_image(size: int, tile: int, overlap: int) 
 def test_prompter_tiles_cover_image_and_keep_points_away_from_inner_edges() -> None:
     size, tile, overlap = 1000, 256, 64
     plan = plan_prompter_tiles(size, size, tile, overlap)
-    last = plan.tile(plan.count - 1)
-    assert last.x0 + last.size >= size and last.y0 + last.size >= size
     h = overlap // 2
+    first, last = plan.tile(0), plan.tile(plan.count - 1)
+    # the image's own edges lie h px inside the tiles: beyond them the tiles read white
+    assert first.x0 <= -h and first.y0 <= -h
+    assert last.x0 + last.size >= size + h and last.y0 + last.size >= size + h
     for i in range(plan.count):
         t = plan.tile(i)
         # an owned point is >= h px from every tile edge that lies inside the image

@@ -206,8 +206,22 @@ def _read_tiles(tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSp
     t0 = time.perf_counter()
     slide = slide_spec.open()
     specs = [getattr(t, "tile", t) for t in tiles]
-    images = np.stack([slide.read(s.x0, s.y0, s.size, s.size) for s in specs])
+    images = np.stack([read_mirrored(slide, s.x0, s.y0, s.size) for s in specs])
     return {"items": list(tiles), "images": images, "times": {"read": time.perf_counter() - t0}}
+
+
+def read_mirrored(slide: Any, x0: int, y0: int, size: int) -> np.ndarray:
+    """A size x size tile of the working frame at (x0, y0); beyond the image's edges the image
+    is mirrored (symmetric about each edge), so a model sees no artificial border where tissue
+    is cut by the image edge, and a pixel's value never depends on which tile reads it."""
+    width, height = slide.size_px
+    ax0, ay0 = max(x0, 0), max(y0, 0)
+    ax1, ay1 = min(x0 + size, width), min(y0 + size, height)
+    if ax1 <= ax0 or ay1 <= ay0:
+        return np.full((size, size, 3), 255, np.uint8)
+    inside = slide.read(ax0, ay0, ax1 - ax0, ay1 - ay0)
+    pad = ((ay0 - y0, y0 + size - ay1), (ax0 - x0, x0 + size - ax1), (0, 0))
+    return np.pad(inside, pad, mode="symmetric") if any(p for p in pad[0] + pad[1]) else np.ascontiguousarray(inside)
 
 
 def _predict_points(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[PointSet, dict]:
@@ -252,6 +266,7 @@ def _stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec)
             hematoxylin_od=hematoxylin_od(image),
             transform=transform,
             min_area_px=min_area,
+            image_size_px=slide.size_px,
         )
         for job, image, tile_masks in zip(batch["items"], batch["images"], batch["masks"])
     ]

@@ -79,6 +79,7 @@ def stitch_tile(
     hematoxylin_od: np.ndarray,
     transform: FrameTransform,
     min_area_px: int = 1,
+    image_size_px: tuple[int, int] | None = None,
 ) -> NucleusTable:
     """Finished nuclei for the first `n_owned` prompts of a tile.
 
@@ -86,6 +87,8 @@ def stitch_tile(
     first, then context).  prompt_ids/score/class: (P,) global index, prompter score, class.
     hematoxylin_od: (h, w) float32 haematoxylin optical density of the tile.
     min_area_px: nuclei left with fewer working pixels after overlap resolution are dropped.
+    image_size_px: (width, height) of the working frame; mask pixels outside it (where the
+        tile holds mirrored content) are not part of any nucleus.
     Returns a NucleusTable in level-0 coordinates, rows in owned-prompt order, empty masks dropped.
     """
     if n_owned == 0:
@@ -95,6 +98,8 @@ def stitch_tile(
     priority = np.empty(len(order), np.int64)
     priority[order] = np.arange(len(order))
     canvas = resolve_overlaps(tile_shape, masks, priority)
+    if image_size_px is not None:
+        _clear_outside(canvas, tile_origin_px, image_size_px)
     h, w = tile_shape
     ox, oy = tile_origin_px
     rings: list[np.ndarray] = []
@@ -142,6 +147,16 @@ def stitch_tile(
         "hematoxylin_od_mean": mom[:, 3],
     }
     return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, np.asarray(touches))
+
+
+def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """Zero the canvas where the tile lies beyond the image."""
+    ox, oy = origin
+    w, h = image_size
+    canvas[:, : max(0, -ox)] = 0
+    canvas[: max(0, -oy)] = 0
+    canvas[:, max(0, w - ox) :] = 0
+    canvas[max(0, h - oy) :] = 0
 
 
 def _polygons(rings: list[np.ndarray], scales: tuple[float, ...]) -> list[np.ndarray]:

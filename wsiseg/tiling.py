@@ -1,11 +1,12 @@
 """Tile plans in the working frame (pixels at the model's mpp), and the ownership rules.
 
-Prompter tiles overlap.  Tile (i, j) covers [j*s, j*s + tile) horizontally with stride
-s = tile - overlap, and *owns* the points that fall in its core, the band
-[j*s + h, (j+1)*s + h) with h = overlap // 2 (the first core starts at -inf, the last ends
-at +inf).  Cores partition the plane, so every location is owned by one prompter tile, and a
-kept point lies at least h px from any tile edge inside the image: a prompter whose
-`context_px` <= h finds the same points tiled as untiled.
+Prompter tiles overlap.  With stride s = tile - overlap and h = overlap // 2, tile (i, j)
+covers [j*s - h, j*s - h + tile) horizontally and *owns* the points that fall in its core,
+the band [j*s, (j+1)*s) (the first core starts at -inf, the last ends at +inf).  Cores
+partition the plane, so every location is owned by one prompter tile; a kept point lies at
+least h px from any tile edge, and the image's own edges lie at least h px inside the tiles
+(beyond them the tiles read white), so a prompter whose `context_px` <= h finds the same
+points tiled as untiled.
 
 Segmentor tiles are an inner *block* of b = tile - 2*halo px plus a halo on every side.
 Block (i, j) covers [j*b, (j+1)*b); a prompt is owned by the block that contains it, so
@@ -56,7 +57,7 @@ class TilePlan:
     height: int
     tile_px: int
     stride_px: int
-    offset_px: int
+    offset_px: int  # tile x0 = col * stride - offset: how far a tile reaches before what it owns
     n_cols: int
     n_rows: int
 
@@ -78,23 +79,17 @@ class TilePlan:
             x0=col * s - o,
             y0=row * s - o,
             size=self.tile_px,
-            own_x0=-math.inf if col == 0 else col * s - o + self._own_margin,
-            own_y0=-math.inf if row == 0 else row * s - o + self._own_margin,
-            own_x1=math.inf if col == self.n_cols - 1 else (col + 1) * s - o + self._own_margin,
-            own_y1=math.inf if row == self.n_rows - 1 else (row + 1) * s - o + self._own_margin,
+            own_x0=-math.inf if col == 0 else col * s,
+            own_y0=-math.inf if row == 0 else row * s,
+            own_x1=math.inf if col == self.n_cols - 1 else (col + 1) * s,
+            own_y1=math.inf if row == self.n_rows - 1 else (row + 1) * s,
         )
 
-    @property
-    def _own_margin(self) -> int:
-        # Prompter plans own a core h px inside the tile; segmentor plans own their block,
-        # which starts `offset` (= halo) px inside the tile.
-        return (self.tile_px - self.stride_px) // 2 if self.offset_px == 0 else self.offset_px
-
     def owner_of(self, xy: np.ndarray) -> np.ndarray:
-        """Tile index owning each (N, 2) working-frame point."""
-        m = self._own_margin - self.offset_px
-        col = np.clip(np.floor((xy[:, 0] - m) / self.stride_px), 0, self.n_cols - 1).astype(np.int64)
-        row = np.clip(np.floor((xy[:, 1] - m) / self.stride_px), 0, self.n_rows - 1).astype(np.int64)
+        """Tile index owning each (N, 2) working-frame point: the one whose core (prompter) or
+        block (segmentor), [j*s, (j+1)*s), contains it."""
+        col = np.clip(np.floor(xy[:, 0] / self.stride_px), 0, self.n_cols - 1).astype(np.int64)
+        row = np.clip(np.floor(xy[:, 1] / self.stride_px), 0, self.n_rows - 1).astype(np.int64)
         return row * self.n_cols + col
 
 
@@ -105,14 +100,15 @@ def plan_prompter_tiles(width: int, height: int, tile_px: int, overlap_px: int) 
     if overlap_px % 2:
         raise ValueError(f"--overlap ({overlap_px}) must be even")
     stride = tile_px - overlap_px
+    # the last tile reaches h = overlap/2 past the image, as the first starts h before it
     return TilePlan(
         width=width,
         height=height,
         tile_px=tile_px,
         stride_px=stride,
-        offset_px=0,
-        n_cols=1 + max(0, math.ceil((width - tile_px) / stride)),
-        n_rows=1 + max(0, math.ceil((height - tile_px) / stride)),
+        offset_px=overlap_px // 2,
+        n_cols=1 + max(0, math.ceil((width + overlap_px - tile_px) / stride)),
+        n_rows=1 + max(0, math.ceil((height + overlap_px - tile_px) / stride)),
     )
 
 
