@@ -141,8 +141,9 @@ def main() -> None:
         print(f"slide {size}x{size}", flush=True)
         slide = make_slide(size, slides_dir)
         entry: dict[str, Any] = {"size": size, "file_mb": round(slide.stat().st_size / 2**20, 1)}
-        entry["bare_decode"] = bare_decode(slide, args.tile_size)
-        entry["wsiseg_read"] = wsiseg_read(slide, args.tile_size)
+        bare_decode(slide, args.tile_size)  # warm the file cache, so neither loop pays for the disk
+        entry["bare_decode"] = max((bare_decode(slide, args.tile_size) for _ in range(2)), key=lambda r: r["tiles_per_s"])
+        entry["wsiseg_read"] = max((wsiseg_read(slide, args.tile_size) for _ in range(2)), key=lambda r: r["tiles_per_s"])
         entry["read_vs_bare"] = round(entry["wsiseg_read"]["tiles_per_s"] / entry["bare_decode"]["tiles_per_s"], 3)
         for workers in ([0, args.workers] if args.workers else [0]):
             cmd = [sys.executable, __file__, "--model", args.model, "--tile-size", str(args.tile_size),

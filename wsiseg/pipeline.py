@@ -14,9 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -26,6 +25,8 @@ from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
 from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key
 from wsiseg.nuclei import NucleusTable
+from wsiseg.provenance import build_provenance, build_report
+from wsiseg.workers import WORKER_CACHE, ModelSpec, SlideSpec
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
 from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
@@ -106,43 +107,6 @@ ProgressFn = Callable[[str, int, int, int], None]
 # --------------------------------------------------------------------------- models
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a worker builds the models: names/paths, not objects (cheap to ship)."""
-
-    model: str
-    prompter: str | None
-    device: str
-    k_negatives: int | None
-    prompter_options: tuple[tuple[str, Any], ...] = ()
-
-    def load(self) -> tuple[Prompter | None, Segmentor]:
-        key = ("models", self)
-        if key not in _WORKER_CACHE:
-            _WORKER_CACHE[key] = _load_models(self)
-        return _WORKER_CACHE[key]
-
-
-def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
-    from wsiseg.models import load_prompter, load_segmentor
-
-    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
-    prompter_name = spec.prompter or spec.model
-    if spec.prompter is None and not _has_prompter(spec.model):
-        return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
-    prompter = load_prompter(prompter_name, device=spec.device, **dict(spec.prompter_options))
-    if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
-        from wsiseg.models.classical import ClassicalPrompter
-
-        if not isinstance(prompter, ClassicalPrompter):
-            raise ValueError(
-                f"prompter {prompter_name!r} works at {prompter.mpp} µm/px but segmentor {spec.model!r} at "
-                f"{segmentor.mpp} µm/px; use models made for the same resolution"
-            )
-        prompter = replace(prompter, mpp=segmentor.mpp)  # its sizes are in µm: it adapts
-    return prompter, segmentor
-
-
 def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
     """--prompt-selection / --points-per-tile, which only a probability prompter takes."""
     options: list[tuple[str, Any]] = []
@@ -164,38 +128,6 @@ def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
     return tuple(options)
 
 
-def _has_prompter(model: str) -> bool:
-    from wsiseg.models.bundles import open_bundle
-    from wsiseg.models.cache import resolve_model
-
-    target = resolve_model(model)
-    if target == "classical":
-        return True
-    if target.is_file() and target.suffix.lower() in (".pth", ".pt"):
-        return False  # a raw SAM checkpoint
-    return open_bundle(target).has("prompter")
-
-
-_WORKER_CACHE: dict[Any, Any] = {}
-
-
-@dataclass(frozen=True)
-class SlideSpec:
-    """How a worker opens the slide at the working mpp."""
-
-    path: Path
-    mpp_override: float | None
-    target_mpp: float
-
-    def open(self) -> Any:
-        key = ("slide", self)
-        if key not in _WORKER_CACHE:
-            from wsiseg.readers import open_slide
-            from wsiseg.readers.scaled import ScaledSlide
-
-            reader = open_slide(self.path, mpp=self.mpp_override)
-            _WORKER_CACHE[key] = ScaledSlide(reader, self.target_mpp)
-        return _WORKER_CACHE[key]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -331,7 +263,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     tile_px = _tile_size(config, segmentor)
     scaled = ScaledSlide(reader, segmentor.mpp)
     slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp)
-    _WORKER_CACHE[("slide", slide_spec)] = scaled
+    WORKER_CACHE[("slide", slide_spec)] = scaled
     width, height = scaled.size_px
     timings["open"] = time.perf_counter() - t_start
 
@@ -358,7 +290,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         points, splan, k_negatives=segmentor.k_negatives, context_px=segmentor.max_nucleus_diameter_px
     )
     geojson_path, zarr_path, report_path, html_path = output_paths(slide_path, out_dir, config)
-    provenance = _provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
+    provenance = build_provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
     writers = _open_writers(geojson_path, zarr_path, config, props, classes, provenance, slide_mpp)
     n_nuclei = n_edge = 0
     try:
@@ -375,10 +307,13 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
             progress("segmentor", done, n_jobs, n_nuclei)
         timings["segmentor"] = time.perf_counter() - t - timings["write"]
         tw = time.perf_counter()
-        report = _report(
-            slide_path, props, config, segmentor, prompter, scaled, timings, work, t_start,
-            n_prompter_tiles=n_prompter_tiles, n_segmentor_tiles=n_jobs, n_raw=n_raw,
-            n_prompts=len(points), n_nuclei=n_nuclei, n_edge=n_edge, halo=halo, n_workers=runner.n_workers,
+        counts = {
+            "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_raw": n_raw,
+            "prompts": len(points), "nuclei": n_nuclei, "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
+            "workers": runner.n_workers,
+        }
+        report = build_report(
+            slide_path, props, config, segmentor, prompter, scaled.scale, work, time.perf_counter() - t_start, counts
         )
         geojson_writer, zarr_writer = writers
         geojson_writer.close()
@@ -569,48 +504,6 @@ def _tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:
     return bool(tissue.intersects_box_l0(x0 * s, y0 * s, x1 * s, y1 * s))
 
 
-def _provenance(
-    slide_path: Path, props: Any, slide_mpp: float, scale: float, config: RunConfig,
-    segmentor: Segmentor, prompter: Prompter | None, classes: Sequence[NucleusClass],
-) -> dict[str, Any]:
-    size = slide_path.stat().st_size
-    bounds = props.bounds_l0
-    return {
-        "format_version": 1,
-        "tool": "wsiseg",
-        "version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run_id": str(uuid.uuid4()),
-        "source": {
-            "path": str(slide_path.resolve()),
-            "file_size": size,
-            "reader": props.reader,
-            "vendor": props.vendor,
-            "width": props.size_l0[0],
-            "height": props.size_l0[1],
-            "mpp": slide_mpp,
-            "objective_power": props.objective_power,
-            "bounds": list(bounds) if bounds else None,
-        },
-        "coordinate_frame": {
-            "space": "level0_pixels",
-            "origin": "openslide_level0_top_left",
-            "y_axis": "down",
-            "pixel_convention": "edge",
-            "qupath_offset": [bounds[0], bounds[1]] if bounds else [0, 0],
-        },
-        "model": {
-            "segmentor": getattr(segmentor, "name", type(segmentor).__name__),
-            "prompter": getattr(prompter, "name", None) if prompter else None,
-            "sha256": getattr(segmentor, "sha256", None),
-            "mpp": segmentor.mpp,
-            "working_scale": scale,
-        },
-        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
-        "parameters": config.parameters(),
-    }
-
-
 def _open_writers(
     geojson_path: Path, zarr_path: Path, config: RunConfig, props: Any,
     classes: Sequence[NucleusClass], provenance: dict[str, Any], slide_mpp: float,
@@ -638,41 +531,6 @@ def _open_writers(
         write_labels=config.write_labels,
     )
     return [gj, zw]
-
-
-def _report(
-    slide_path: Path, props: Any, config: RunConfig, segmentor: Segmentor, prompter: Prompter | None,
-    scaled: Any, timings: dict[str, float], work: dict[str, float], t_start: float, **counts: int,
-) -> dict[str, Any]:
-    wall = time.perf_counter() - t_start
-    return {
-        "slide": str(slide_path),
-        "wsiseg_version": __version__,
-        "reader": props.reader,
-        "vendor": props.vendor,
-        "size_l0": list(props.size_l0),
-        "mpp": props.mpp[0] if props.mpp else config.mpp,
-        "model": {
-            "segmentor": getattr(segmentor, "name", "?"),
-            "prompter": getattr(prompter, "name", None) if prompter else "file",
-            "mpp": segmentor.mpp,
-            "working_scale": scaled.scale,
-        },
-        "counts": {
-            "prompter_tiles": counts["n_prompter_tiles"],
-            "segmentor_tiles": counts["n_segmentor_tiles"],
-            "points_raw": counts["n_raw"],
-            "prompts": counts["n_prompts"],
-            "nuclei": counts["n_nuclei"],
-            "nuclei_touching_tile_edge": counts["n_edge"],
-            "halo_px": counts["halo"],
-        },
-        "task_time_s": {k: round(v, 4) for k, v in work.items()},
-        "workers": counts["n_workers"],
-        # share of the workers' wall time spent inside the model (1.0 = the model never waits)
-        "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall * counts["n_workers"], 1e-9), 4),
-        "parameters": config.parameters(),
-    }
 
 
 def _write_reports(report_path: Path, html_path: Path, report: dict[str, Any], reader: Any, zarr_path: Path) -> None:

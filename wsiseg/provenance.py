@@ -1,0 +1,102 @@
+"""What a run records about itself: provenance for the Zarr store, and the per-slide report."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from wsiseg._version import __version__
+from wsiseg.models.protocols import NucleusClass, Prompter, Segmentor
+
+if TYPE_CHECKING:
+    from wsiseg.pipeline import RunConfig
+
+
+def model_sha256(model: str | None) -> str | None:
+    """The sha256 of a bundle's manifest (which lists the sha256 of every weight file), or None
+    for the built-in model and raw checkpoints."""
+    if model is None:
+        return None
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    try:
+        target = resolve_model(model)
+        if target == "classical" or Path(target).is_file():
+            return None
+        return str(open_bundle(target).sha256)
+    except (ValueError, OSError, LookupError):
+        return None
+
+
+def build_provenance(
+    slide_path: Path, props: Any, slide_mpp: float, scale: float, config: RunConfig,
+    segmentor: Segmentor, prompter: Prompter | None, classes: Sequence[NucleusClass],
+) -> dict[str, Any]:
+    """Root attributes of the Zarr store: tool, source slide, frame, model, classes, parameters."""
+    bounds = props.bounds_l0
+    return {
+        "format_version": 1,
+        "tool": "wsiseg",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": str(uuid.uuid4()),
+        "source": {
+            "path": str(slide_path.resolve()),
+            "file_size": slide_path.stat().st_size,
+            "reader": props.reader,
+            "vendor": props.vendor,
+            "width": props.size_l0[0],
+            "height": props.size_l0[1],
+            "mpp": slide_mpp,
+            "objective_power": props.objective_power,
+            "bounds": list(bounds) if bounds else None,
+        },
+        "coordinate_frame": {
+            "space": "level0_pixels",
+            "origin": "openslide_level0_top_left",
+            "y_axis": "down",
+            "pixel_convention": "edge",
+            "qupath_offset": [bounds[0], bounds[1]] if bounds else [0, 0],
+        },
+        "model": {
+            "segmentor": getattr(segmentor, "name", type(segmentor).__name__),
+            "prompter": getattr(prompter, "name", None) if prompter else None,
+            "sha256": model_sha256(config.model),
+            "prompter_sha256": model_sha256(config.prompter),
+            "mpp": segmentor.mpp,
+            "working_scale": scale,
+        },
+        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
+        "parameters": config.parameters(),
+    }
+
+
+def build_report(
+    slide_path: Path, props: Any, config: RunConfig, segmentor: Segmentor, prompter: Prompter | None,
+    scale: float, work: dict[str, float], wall_s: float, counts: dict[str, int],
+) -> dict[str, Any]:
+    """The per-slide report: counts, task times, the model's share of wall time, parameters."""
+    workers = counts["workers"]
+    return {
+        "slide": str(slide_path),
+        "wsiseg_version": __version__,
+        "reader": props.reader,
+        "vendor": props.vendor,
+        "size_l0": list(props.size_l0),
+        "mpp": props.mpp[0] if props.mpp else config.mpp,
+        "model": {
+            "segmentor": getattr(segmentor, "name", "?"),
+            "prompter": getattr(prompter, "name", None) if prompter else "file",
+            "mpp": segmentor.mpp,
+            "working_scale": scale,
+        },
+        "counts": {k: v for k, v in counts.items() if k != "workers"},
+        "task_time_s": {k: round(v, 4) for k, v in work.items()},
+        "workers": workers,
+        # share of the workers' wall time spent inside the model (1.0 = the model never waits)
+        "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall_s * workers, 1e-9), 4),
+        "parameters": config.parameters(),
+    }
