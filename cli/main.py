@@ -275,7 +275,21 @@ def _register_models() -> None:
     main.add_command(models)
 
 
+def _register_eval() -> None:
+    from wsiseg.cli.evaluate import eval_command
+
+    main.add_command(eval_command)
+
+
+def _register_score() -> None:
+    from wsiseg.cli.score import score
+
+    main.add_command(score)
+
+
 _register_models()
+_register_eval()
+_register_score()
 
 if __name__ == "__main__":
     main()

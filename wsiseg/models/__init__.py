@@ -72,11 +72,15 @@ __all__ = [
 ]
 
 #: segmentor architecture -> (module, class) whose `from_bundle` builds it.
-SEGMENTOR_BUILDERS: dict[str, tuple[str, str]] = {"sam": ("wsiseg.models.sam", "SamSegmentor")}
+SEGMENTOR_BUILDERS: dict[str, tuple[str, str]] = {
+    "sam": ("wsiseg.models.sam", "SamSegmentor"),
+    "tiny_segmentor": ("wsiseg.models.tiny", "TinySegmentor"),
+}
 #: prompter architecture -> (module, class) whose `from_bundle` builds it.
 PROMPTER_BUILDERS: dict[str, tuple[str, str]] = {
     "dpa_p2pnet": ("wsiseg.models.prompters", "PointPrompter"),
     "unet_prompter": ("wsiseg.models.prompters", "ProbabilityPrompter"),
+    "tiny_prompter": ("wsiseg.models.tiny", "TinyPrompter"),
 }
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")
 

@@ -98,7 +98,10 @@ _REQUIRED_PREFIXES = {"sam": ("image_encoder.", "prompt_encoder.", "mask_decoder
 FORMAT = "wsiseg-bundle/1"
 ROLES = ("prompter", "segmentor")
 #: architecture -> the role it fills.
-ARCHITECTURES: dict[str, str] = {"sam": "segmentor", "dpa_p2pnet": "prompter", "unet_prompter": "prompter"}
+ARCHITECTURES: dict[str, str] = {
+    "sam": "segmentor", "dpa_p2pnet": "prompter", "unet_prompter": "prompter",
+    "tiny_prompter": "prompter", "tiny_segmentor": "segmentor",
+}
 #: ImageNet mean/std on 0-255 input (SAM's and PromptNucSeg's normalisation).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -499,14 +502,24 @@ def write_bundle(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    written: dict[str, tuple[str, str]] = {}  # file -> (role, sha256): components may share one file
     for role, comp in comps.items():
         tensors = prepared[role]
+        shared = written.get(comp["weights"]["file"])
+        if shared is not None:
+            if state_dicts[shared[0]] is not state_dicts[role]:
+                raise BundleError(
+                    f"bundle {out}: {role!r} and {shared[0]!r} name the same weights file but different state dicts"
+                )
+            comp["weights"]["sha256"] = shared[1]
+            continue
         final = out / comp["weights"]["file"]
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "role": role})
         os.replace(tmp, final)
         comp["weights"]["sha256"] = sha256_of_file(final)
+        written[comp["weights"]["file"]] = (role, comp["weights"]["sha256"])
     tmp_manifest = out / f".{MANIFEST}.tmp"
     tmp_manifest.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_manifest, out / MANIFEST)

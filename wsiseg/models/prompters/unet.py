@@ -5,7 +5,7 @@ are not published, so this one is our own: at each level two (3x3 conv, BatchNor
 blocks, 2x2 max-pooling down, 2x2 transposed-conv up, skip concatenation, 1x1 output conv.
 
 Input (B, 3, H, W) float32 normalised, H and W multiples of 2 ** (levels - 1) (the prompter
-pads); output (B, 1, H, W) logits.  Parameter names: `down.i`, `up.i`, `merge.i`, `head`.
+pads); output (B, out_channels, H, W) logits.  Parameter names: `down.i`, `up.i`, `merge.i`, `head`.
 """
 
 from __future__ import annotations
@@ -18,16 +18,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """levels: resolution levels (3 poolings for 4); base_channels: width of level 0, doubling down."""
+    """levels: resolution levels (3 poolings for 4); base_channels: width of level 0, doubling down;
+    out_channels: output maps (1 for a probability prompter)."""
 
     levels: int = 4
     base_channels: int = 32
+    out_channels: int = 1
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 6:
             raise ValueError(f"UNet levels must be 2..6, got {self.levels}")
         if self.base_channels < 1:
             raise ValueError(f"UNet base_channels must be >= 1, got {self.base_channels}")
+        if self.out_channels < 1:
+            raise ValueError(f"UNet out_channels must be >= 1, got {self.out_channels}")
 
     @property
     def multiple(self) -> int:
@@ -47,7 +51,7 @@ def _double_conv(in_ch: int, out_ch: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """(B, 3, H, W) -> (B, 1, H, W) nuclear-foreground logits."""
+    """(B, 3, H, W) -> (B, out_channels, H, W) logits (channel 0: nuclear foreground)."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -61,7 +65,7 @@ class UNet(nn.Module):
             [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(config.levels - 1)]
         )
         self.merge = nn.ModuleList([_double_conv(2 * widths[i], widths[i]) for i in range(config.levels - 1)])
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multiple = self.config.multiple

@@ -1,0 +1,122 @@
+"""The dense maps of wsiseg-tiny: (B, H, W, 3) uint8 tiles -> foreground, centre, distance.
+
+Map channels (all float32 in [0, 1], tile pixels): 0 nuclear foreground probability,
+1 centre heatmap, 2 normalised distance to the nucleus boundary.  The network is a
+`UNet(UNetConfig(levels, base_channels, out_channels=3))`; a bundle stores its config in the
+component's "config" (levels, base_channels) and the normalisation in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from wsiseg.models.prompters.point import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_state,
+    manifest_normalisation,
+    open_component,
+    resolve_device,
+    tiles_to_tensor,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from wsiseg.models.bundles import Bundle
+
+N_MAPS = 3
+FOREGROUND, CENTRE, DISTANCE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How the network runs: precision "fp32" or "bf16" (autocast; CPUs with bf16 matrix
+    units and recent GPUs run it faster); batch: tiles per forward pass."""
+
+    precision: str = "fp32"
+    batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+
+def build_network(config: dict[str, Any]) -> nn.Module:
+    """The UNet of a wsiseg-tiny component config ({"levels": 5, "base_channels": 16})."""
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+
+    return UNet(UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=N_MAPS))
+
+
+class DenseMapNet:
+    """Runs the network on tiles; `predict_maps` gives (B, 3, H, W) float32 maps in [0, 1]."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        settings: MapSettings = MapSettings(),
+        device: str = "cpu",
+    ) -> None:
+        import torch
+
+        self.device = resolve_device(device)
+        self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.settings = settings
+        self.multiple = int(network.config.multiple)
+
+    def predict_maps(self, tiles: np.ndarray) -> np.ndarray:
+        """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance)."""
+        import torch
+
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be (B, H, W, 3) uint8, got {tiles.shape}")
+        b, height, width = tiles.shape[:3]
+        out = np.zeros((b, N_MAPS, height, width), np.float32)
+        use_bf16 = self.settings.precision == "bf16"
+        for start in range(0, b, self.settings.batch):
+            chunk = tiles[start : start + self.settings.batch]
+            x = tiles_to_tensor(chunk, self.mean, self.std, self.multiple, self.device, min_size_px=self.multiple * 2)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = self.network(x)
+            out[start : start + len(chunk)] = torch.sigmoid(logits[:, :, :height, :width].float()).cpu().numpy()
+        return out
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: Bundle | str | Path, role: str, architecture: str, *, device: str = "cpu",
+        settings: MapSettings | None = None,
+    ) -> tuple[DenseMapNet, Bundle, Any]:
+        """The network of a bundle's `role` component; returns (net, bundle, component)."""
+        bundle, component = open_component(bundle, role, architecture)
+        where = f"bundle {bundle.path}"
+        try:
+            network = build_network(component.config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: invalid {architecture} settings: {exc}") from exc
+        load_state(network, bundle.load_weights(role), where=where)
+        mean, std = manifest_normalisation(bundle.manifest)
+        chosen = settings or MapSettings(precision=str(component.config.get("precision", "fp32")))
+        return cls(network, mean=mean, std=std, settings=chosen, device=device), bundle, component
+
+
+def tile_batches(tiles: np.ndarray) -> np.ndarray:
+    """Check and return tiles as a (B, H, W, 3) uint8 array."""
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+        raise ValueError(f"tiles must be a (B, H, W, 3) uint8 array, got {tiles.shape} {tiles.dtype}")
+    return tiles

@@ -1,0 +1,124 @@
+"""TinyPrompter: one point per peak of wsiseg-tiny's centre heatmap.
+
+A pixel is a peak when it is the maximum of the centre map within a (2r+1)^2 window
+(r = min_distance_px), its value exceeds `threshold` and the foreground probability there
+exceeds `foreground_threshold`.  Ties (plateaus) keep one point per connected group, at its
+first pixel in raster order.  Points are pixel centres (j + 0.5, i + 0.5) in the tile's
+pixel-edge frame; the score is the heatmap value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet
+from wsiseg.models.tiny.maps import CENTRE, FOREGROUND, DenseMapNet, MapSettings, tile_batches
+
+if TYPE_CHECKING:
+    from wsiseg.models.bundles import Bundle
+
+ARCHITECTURE = "tiny_prompter"
+
+
+@dataclass(frozen=True)
+class PeakSettings:
+    """threshold: minimum centre-heatmap value of a point (the model's default score
+    threshold, `--min-score` overrides it); min_distance_px: peaks closer than this merge;
+    foreground_threshold: the foreground probability a point needs."""
+
+    threshold: float = 0.3
+    min_distance_px: int = 4
+    foreground_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
+            raise ValueError(f"thresholds must be in (0, 1), got {self.threshold}, {self.foreground_threshold}")
+        if self.min_distance_px < 1:
+            raise ValueError(f"min_distance_px must be >= 1, got {self.min_distance_px}")
+
+
+def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
+    """maps: (3, H, W) float32 (foreground, centre, distance) -> one point per centre peak."""
+    centre = maps[CENTRE]
+    size = 2 * settings.min_distance_px + 1
+    is_peak = (centre >= ndi.maximum_filter(centre, size=size, mode="nearest")) & (centre > settings.threshold)
+    is_peak &= maps[FOREGROUND] > settings.foreground_threshold
+    groups, n = ndi.label(is_peak, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return PointSet.empty()
+    flat = groups.ravel()
+    order = np.flatnonzero(flat)
+    _, first = np.unique(flat[order], return_index=True)
+    index = order[first]
+    rows, cols = np.divmod(index, centre.shape[1])
+    xy = np.stack([cols + 0.5, rows + 0.5], axis=1)
+    return PointSet(xy, centre[rows, cols], np.zeros(len(rows), np.int16))
+
+
+class TinyPrompter:
+    """Prompter protocol over a DenseMapNet: (B, H, W, 3) uint8 -> PointSet per tile."""
+
+    def __init__(
+        self,
+        net: DenseMapNet,
+        *,
+        name: str = "wsiseg-tiny",
+        mpp: float = 0.25,
+        peaks: PeakSettings = PeakSettings(),
+        nms_radius_px: float = 4.0,
+        context_px: int = 48,
+        classes: tuple[NucleusClass, ...] = (NUCLEUS,),
+    ) -> None:
+        self.net = net
+        self.name = name
+        self.mpp = float(mpp)
+        self.peaks = peaks
+        self.nms_radius_px = float(nms_radius_px)
+        self.context_px = int(context_px)
+        self.classes = classes
+
+    def __repr__(self) -> str:
+        return f"TinyPrompter(name={self.name!r}, mpp={self.mpp}, peaks={self.peaks})"
+
+    def predict_points(self, tiles: np.ndarray) -> list[PointSet]:
+        """tiles: (B, H, W, 3) uint8 -> one PointSet per tile (tile px, pixel-edge frame)."""
+        maps = self.net.predict_maps(tile_batches(tiles))
+        return [peak_points(m, self.peaks) for m in maps]
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: Bundle | str | Path, *, device: str = "cpu", min_score: float | None = None,
+        precision: str | None = None,
+    ) -> TinyPrompter:
+        """Build from a bundle's "prompter" component (architecture "tiny_prompter").
+
+        Component config: levels, base_channels, threshold, min_distance_px,
+        foreground_threshold, context_px, precision; min_score overrides the threshold.
+        """
+        settings = MapSettings(precision=precision) if precision else None
+        net, bundle, component = DenseMapNet.from_bundle(
+            bundle, "prompter", ARCHITECTURE, device=device, settings=settings
+        )
+        config = component.config
+        try:
+            peaks = PeakSettings(
+                threshold=float(min_score if min_score is not None else config.get("threshold", 0.3)),
+                min_distance_px=int(config.get("min_distance_px", 4)),
+                foreground_threshold=float(config.get("foreground_threshold", 0.5)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bundle {bundle.path}: {exc}") from exc
+        return cls(
+            net,
+            name=bundle.manifest.name,
+            mpp=bundle.manifest.mpp,
+            peaks=peaks,
+            nms_radius_px=bundle.manifest.nms_radius_px,
+            context_px=int(config.get("context_px", 48)),
+            classes=tuple(bundle.manifest.classes),
+        )

@@ -1,0 +1,296 @@
+"""`wsiseg train tiny`: train wsiseg-tiny (one UNet, three maps) from labelled images.
+
+Recipe (a TOML file, see `recipes/wsiseg-tiny.toml`): every image is resampled to the model's
+mpp; each step draws `batch_size` images (probability proportional to their area), a random
+window of each (scale jitter around the model mpp, flips, 90° rotations, HED stain jitter,
+blur, JPEG; `wsiseg.training.augment`), computes the dense targets of `wsiseg.training.targets`
+on the window with a margin (so nuclei cut by the crop keep their own centroid and distance)
+and crops the centre `crop_px` square.
+
+Loss (our own weighting): foreground BCE + soft Dice; centre heatmap BCE on soft targets,
+weighted 1 + 4 x target so the rare peak pixels count; distance MSE on the sigmoid output.
+AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from wsiseg.datasets.item import DatasetError, NucleusItem
+from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
+from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
+from wsiseg.training.targets import dense_targets
+
+log = logging.getLogger(__name__)
+
+MARGIN_PX = 32
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Everything that decides a wsiseg-tiny training run (the TOML file's keys, flattened)."""
+
+    data: str
+    val_fraction: float = 0.25
+    exclude: tuple[str, ...] = ()
+    mpp_overrides: dict[str, float] = field(default_factory=dict)
+    name: str = "wsiseg-tiny"
+    version: str = "1.0"
+    mpp: float = 0.25
+    levels: int = 5
+    base_channels: int = 16
+    epochs: int = 20
+    steps_per_epoch: int = 100
+    batch_size: int = 8
+    crop_px: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    precision: str = "bf16"
+    threads: int = 0
+    centre_sigma_px: float = 2.5
+    centre_weight: float = 1.0
+    distance_weight: float = 2.0
+    scale_jitter: float = 0.1
+    validate_every: int = 1
+    threshold: float = 0.3
+    min_distance_px: int = 4
+    foreground_threshold: float = 0.5
+    max_nucleus_diameter_px: int = 64
+    nms_radius_px: float = 4.0
+    k_negatives: int = 8
+    context_px: int = 48
+    inference_precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.crop_px % (2 ** (self.levels - 1)):
+            raise ValueError(f"crop_px {self.crop_px} must be a multiple of {2 ** (self.levels - 1)}")
+        if self.precision not in ("fp32", "bf16") or self.inference_precision not in ("fp32", "bf16"):
+            raise ValueError("precision and inference_precision must be 'fp32' or 'bf16'")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("batch_size must be >= 1 and lr > 0")
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> TinyRecipe:
+        """Read a recipe; relative data paths are relative to the TOML file.  Unknown keys are an error."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the recipe: {exc}") from exc
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():
+            if isinstance(value, dict) and key != "mpp_overrides":
+                flat.update(value)
+            else:
+                flat[key] = value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe keys {unknown} (known: {sorted(known)})")
+        flat.update({k: v for k, v in overrides.items() if v is not None})
+        data = Path(str(flat.get("data", "")))
+        if not data.is_absolute():
+            flat["data"] = str((path.parent / data).resolve())
+        flat["exclude"] = tuple(flat.get("exclude", ()))
+        try:
+            return cls(**flat)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+def to_model_mpp(item: NucleusItem, mpp: float, override: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The item's image and labels resampled from its mpp (or `override`) to `mpp`."""
+    factor = (override or item.mpp) / mpp
+    return rescale(item.image, item.labels, factor)
+
+
+def sample_window(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop_px: int, augment: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented (crop_px, crop_px, 3) uint8 crop and its (3, crop_px, crop_px) targets."""
+    scale = float(rng.uniform(1 - augment.scale_jitter, 1 + augment.scale_jitter))
+    window = int(math.ceil((crop_px + 2 * MARGIN_PX) / scale)) + 2
+    h, w = labels.shape
+    if h < window or w < window:
+        pad = ((0, max(0, window - h)), (0, max(0, window - w)))
+        image = np.pad(image, (*pad, (0, 0)), mode="reflect")
+        labels = np.pad(labels, pad, mode="constant")
+        h, w = labels.shape
+    y0 = int(rng.integers(0, h - window + 1))
+    x0 = int(rng.integers(0, w - window + 1))
+    img, lab = rescale(image[y0 : y0 + window, x0 : x0 + window], labels[y0 : y0 + window, x0 : x0 + window], scale)
+    img, lab = augment_pair(img, lab, rng, augment)
+    targets = dense_targets(lab).stack()
+    cy, cx = (lab.shape[0] - crop_px) // 2, (lab.shape[1] - crop_px) // 2
+    return (
+        np.ascontiguousarray(img[cy : cy + crop_px, cx : cx + crop_px]),
+        np.ascontiguousarray(targets[:, cy : cy + crop_px, cx : cx + crop_px]),
+    )
+
+
+class TinyTask:
+    """The TrainingTask of wsiseg-tiny (see `wsiseg.training.loop`)."""
+
+    def __init__(self, recipe: TinyRecipe, train: list[NucleusItem], val: list[NucleusItem]) -> None:
+        import torch
+
+        from wsiseg.models.tiny.maps import build_network
+        from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD
+
+        if not train:
+            raise TrainingError(f"{recipe.data}: no training images left after the validation split and exclusions")
+        self.recipe = recipe
+        self.val = val
+        self.images = [to_model_mpp(it, recipe.mpp, recipe.mpp_overrides.get(it.name)) for it in train]
+        areas = np.array([lab.size for _, lab in self.images], np.float64)
+        self.weights = areas / areas.sum()
+        self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
+        self.model = build_network({"levels": recipe.levels, "base_channels": recipe.base_channels})
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        total = recipe.epochs * recipe.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        r = self.recipe
+        for _ in range(steps):
+            picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
+            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment) for i in picks]
+            yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
+
+    def losses(self, logits: Any, targets: Any) -> dict[str, Any]:
+        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring)."""
+        import torch
+        import torch.nn.functional as F
+
+        logits = logits.float()
+        fg_t, centre_t, dist_t = targets[:, 0], targets[:, 1], targets[:, 2]
+        fg_bce = F.binary_cross_entropy_with_logits(logits[:, 0], fg_t)
+        p = torch.sigmoid(logits[:, 0])
+        inter = (p * fg_t).sum(dim=(1, 2))
+        dice = 1 - (2 * inter + 1) / (p.sum(dim=(1, 2)) + fg_t.sum(dim=(1, 2)) + 1)
+        centre = F.binary_cross_entropy_with_logits(logits[:, 1], centre_t, weight=1 + 4 * centre_t)
+        dist = F.mse_loss(torch.sigmoid(logits[:, 2]), dist_t)
+        r = self.recipe
+        loss = fg_bce + dice.mean() + r.centre_weight * centre + r.distance_weight * dist
+        return {"loss": loss, "fg_bce": fg_bce, "fg_dice": dice.mean(), "centre": centre, "distance": dist}
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        import torch
+
+        images, targets = batch
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - self.mean) / self.std
+        x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.precision == "bf16"):
+            logits = self.model(x)
+        terms = self.losses(logits, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def manifest(self) -> dict[str, Any]:
+        r = self.recipe
+        common = {"levels": r.levels, "base_channels": r.base_channels, "precision": r.inference_precision}
+        weights = {"file": "network.safetensors"}
+        return {
+            "name": r.name,
+            "version": r.version,
+            "description": "wsiseg-tiny: UNet foreground/centre/distance maps; centre-peak prompter, "
+            "seeded-watershed segmentor",
+            "mpp": r.mpp,
+            "input_size": None,
+            "k_negatives": r.k_negatives,
+            "nms_radius_px": r.nms_radius_px,
+            "max_nucleus_diameter_px": r.max_nucleus_diameter_px,
+            "components": {
+                "prompter": {
+                    "architecture": "tiny_prompter",
+                    "config": {**common, "threshold": r.threshold, "min_distance_px": r.min_distance_px,
+                               "foreground_threshold": r.foreground_threshold, "context_px": r.context_px},
+                    "weights": dict(weights),
+                },
+                "segmentor": {
+                    "architecture": "tiny_segmentor",
+                    "config": {**common, "foreground_threshold": r.foreground_threshold},
+                    "weights": dict(weights),
+                },
+            },
+        }
+
+    def write_bundle(self, out_dir: Path, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        from wsiseg.models.bundles import write_bundle
+
+        manifest = self.manifest()
+        manifest.update(extra or {})
+        bundle = write_bundle(out_dir, manifest, {"prompter": state, "segmentor": state})
+        return Path(bundle.path)
+
+    def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
+        from wsiseg.evaluation import evaluate
+
+        if not self.val:
+            return {}
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        bundle = self.write_bundle(work_dir / "validation" / "bundle", state)
+        report = evaluate(bundle, self.val, out_dir=work_dir / "validation" / f"epoch-{epoch + 1:03d}", overlays=False)
+        keys = ("pq", "dq", "sq", "aji", "dice", "f1_detection", "precision", "recall")
+        return {k: round(float(report.mean[k]), 4) for k in keys if k in report.mean}
+
+    def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
+        r = self.recipe
+        training = {
+            "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if k != "data"},
+            "train_images": len(self.images),
+            "validation_images": [it.name for it in self.val],
+            "last_epoch": history[-1] if history else None,
+        }
+        return self.write_bundle(out_dir, state, {"training": training})
+
+
+def split_items(recipe: TinyRecipe) -> tuple[list[NucleusItem], list[NucleusItem]]:
+    """(train, val) items: the dataset's seeded split by whole image (`val_fraction`, `seed`, the
+    same split as `wsiseg eval --split val --val-fraction F --seed S`), exclusions dropped."""
+    from wsiseg.datasets import open_dataset
+
+    train = open_dataset(recipe.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed)
+    val = open_dataset(recipe.data, split="val", val_fraction=recipe.val_fraction, seed=recipe.seed)
+    keep = [i for i, name in enumerate(train.names) if name not in recipe.exclude]
+    return [train[i] for i in keep], [val[i] for i in range(len(val))]
+
+
+def train_tiny(
+    recipe: TinyRecipe, out_dir: Path, *, resume: bool = False, progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> FitResult:
+    """Train wsiseg-tiny; the bundle lands in out_dir/bundle (see `wsiseg.training.loop.fit`)."""
+    import torch
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    train, val = split_items(recipe)
+    log.info("wsiseg-tiny: %d training images, %d validation images", len(train), len(val))
+    task = TinyTask(recipe, train, val)
+    loop = LoopConfig(
+        epochs=recipe.epochs, steps_per_epoch=recipe.steps_per_epoch, seed=recipe.seed,
+        validate_every=recipe.validate_every if val else 0, monitor="pq", patience=None, keep="last",
+    )
+    return fit(task, out_dir, loop, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs)
