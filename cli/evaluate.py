@@ -19,7 +19,7 @@ _HEADERS = {"f1_detection": "f1"}
 
 
 @click.command("eval")
-@click.option("--model", default="classical", show_default=True, help="Model name or bundle path to evaluate.")
+@click.option("--model", default="wsiseg-tiny", show_default=True, help="Model name or bundle path to evaluate.")
 @click.option("--data", "data", required=True, help="Labelled dataset: a folder (or file) `wsiseg.datasets` reads.")
 @click.option("--format", "data_format", default=None, help="Dataset format (default: detected).")
 @click.option("--split", type=click.Choice(SPLITS), default="all", show_default=True,

@@ -93,8 +93,8 @@ def _run_options(f: Any) -> Any:
     options = [
         click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"),
                      show_default=True, help="Output folder (one set of files per slide)."),
-        click.option("--model", default="classical", show_default=True,
-                     help="Model name (see `wsiseg models list`) or bundle path."),
+        click.option("--model", default="wsiseg-tiny", show_default=True,
+                     help="Model name (see `wsiseg models list`: wsiseg-tiny, classical, ...) or bundle path."),
         click.option("--prompter", default=None, help="Prompter model to use instead of the bundle's own."),
         click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None, help="Points to segment (CSV x,y[,label] or GeoJSON, level-0 px)."),
@@ -116,6 +116,8 @@ def _run_options(f: Any) -> Any:
         click.option("--prompt-selection", type=click.Choice(["centroid", "probability"]), default=None,
                      help="Probability prompters: points at component centroids or sampled from the map."),
         click.option("--points-per-tile", type=int, default=None, help="Probability prompters: points per tile."),
+        click.option("--min-score", type=float, default=None,
+                     help="Drop prompts scoring below this (0-1; default: the model's own threshold)."),
         click.option("--overwrite", is_flag=True, help="Redo slides whose complete outputs already exist."),
         click.option("--batch-tiles", type=int, default=8, show_default=True, help="Tiles per task."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors only."),
@@ -145,6 +147,7 @@ def _config(**kw: Any) -> Any:
         k_negatives=kw["k_negatives"],
         prompt_selection=kw["prompt_selection"],
         points_per_tile=kw["points_per_tile"],
+        min_score=kw["min_score"],
         batch_tiles=kw["batch_tiles"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"]),
     )
@@ -269,6 +272,12 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
         click.echo(f"  level {i}    {lvl['width']} x {lvl['height']}  downsample {lvl['downsample']:.3f}")
 
 
+def _register_train() -> None:
+    from wsiseg.cli.train import train
+
+    main.add_command(train)
+
+
 def _register_models() -> None:
     from wsiseg.cli.models import models
 
@@ -290,6 +299,7 @@ def _register_score() -> None:
 _register_models()
 _register_eval()
 _register_score()
+_register_train()
 
 if __name__ == "__main__":
     main()

@@ -38,13 +38,15 @@ GEOJSON_FORMATS: tuple[GeoJSONFormat, ...] = ("gz", "geojson", "zip")
 #: Smaller remnants (e.g. a prompt whose mask lost every pixel but a few to a neighbour) are dropped.
 MIN_NUCLEUS_AREA_UM2 = 4.0
 STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
+#: the model `wsiseg run` uses when none is named: the built-in learned model.
+DEFAULT_MODEL = "wsiseg-tiny"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run's result, plus how it is scheduled."""
 
-    model: str = "classical"
+    model: str = DEFAULT_MODEL
     prompter: str | None = None
     prompts_file: Path | None = None
     tile_size_px: int = 256
@@ -58,6 +60,7 @@ class RunConfig:
     k_negatives: int | None = None
     prompt_selection: str | None = None
     points_per_tile: int | None = None
+    min_score: float | None = None
     batch_tiles: int = 8
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -79,6 +82,8 @@ class RunConfig:
             raise ValueError(f"--prompt-selection must be centroid or probability, got {self.prompt_selection!r}")
         if self.points_per_tile is not None and self.points_per_tile < 1:
             raise ValueError(f"--points-per-tile must be >= 1, got {self.points_per_tile}")
+        if self.min_score is not None and not 0 <= self.min_score < 1:
+            raise ValueError(f"--min-score must be in [0, 1), got {self.min_score}")
         if self.k_negatives is not None and self.k_negatives < 0:
             raise ValueError(f"--k-negatives must be >= 0, got {self.k_negatives}")
 
@@ -108,26 +113,28 @@ ProgressFn = Callable[[str, int, int, int], None]
 
 
 def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
-    """--prompt-selection / --points-per-tile, which only a probability prompter takes."""
+    """--prompt-selection / --points-per-tile, which only a probability prompter takes, and
+    --min-score, which a prompter with a score threshold of its own (wsiseg-tiny) takes as it."""
     options: list[tuple[str, Any]] = []
     if config.prompt_selection is not None:
         options.append(("selection", config.prompt_selection))
     if config.points_per_tile is not None:
         options.append(("points_per_tile", config.points_per_tile))
-    if options:
-        from wsiseg.models.bundles import open_bundle
-        from wsiseg.models.cache import resolve_model
+    if not options and config.min_score is None:
+        return ()
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
 
-        target = resolve_model(config.prompter or config.model)
-        arch = None if target == "classical" else open_bundle(target).component("prompter").architecture
-        if arch != "unet_prompter":
-            raise ValueError(
-                "--prompt-selection and --points-per-tile apply to probability (UNet) prompters; "
-                f"{config.prompter or config.model!r} has a {arch or 'classical'} prompter"
-            )
+    target = resolve_model(config.prompter or config.model)
+    arch = None if target == "classical" else open_bundle(target).component("prompter").architecture
+    if options and arch != "unet_prompter":
+        raise ValueError(
+            "--prompt-selection and --points-per-tile apply to probability (UNet) prompters; "
+            f"{config.prompter or config.model!r} has a {arch or 'classical'} prompter"
+        )
+    if config.min_score is not None and arch == "tiny_prompter":
+        options.append(("min_score", config.min_score))
     return tuple(options)
-
-
 
 
 # --------------------------------------------------------------------------- tasks
@@ -373,6 +380,8 @@ def _global_prompts(
             n_found += len(pts)
             progress("prompter", min(len(found) * config.batch_tiles, n_prompter_tiles), n_prompter_tiles, n_found)
         points = PointSet.concat(found)
+        if config.min_score is not None:
+            points = points.take(points.score >= config.min_score)
         if len(points):
             points = points.take(tissue.contains_points_l0(scaled.to_l0(points.xy)))
         nms_radius = prompter.nms_radius_px

@@ -250,7 +250,7 @@ def make_nuclei(spec: SyntheticSpec) -> SyntheticTruth:
     inside = (centers >= 0).all(axis=1) & (centers[:, 0] < spec.width) & (centers[:, 1] < spec.height)
     order = np.flatnonzero(inside)[np.lexsort((centers[inside, 0], centers[inside, 1]))]
     pair = pair[order]
-    partnered = np.bincount(pair[pair >= 0], minlength=pairs_so_far)
+    partnered = np.bincount(pair[pair >= 0], minlength=max(pairs_so_far, 1))  # never empty
     pair[(pair >= 0) & (partnered[np.maximum(pair, 0)] < 2)] = -1  # partner fell outside the slide
     art = np.random.default_rng([spec.seed, 3])
     w, h, um = spec.width, spec.height, 1 / spec.mpp

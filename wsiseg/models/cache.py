@@ -37,11 +37,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HOME_ENV = "WSISEG_HOME"
-#: built-in model name -> description; these resolve to the name itself.
+#: built-in model name -> description ("classical" resolves to itself, the others to BUILTIN_BUNDLES).
 BUILTIN_MODELS: dict[str, str] = {
+    "wsiseg-tiny": "the default: a compact learned model trained on real H&E (MoNuSeg 2018, CC BY-NC-SA 4.0); "
+    "centre-peak prompter + watershed segmentor over one UNet (CPU, shipped inside the package)",
     "classical": "weight-free classical model: haematoxylin blob detection + seeded watershed "
     "per point (CPU, nothing to download)",
 }
+#: built-in bundles shipped inside the package: name -> folder.
+BUILTIN_BUNDLES: dict[str, Path] = {"wsiseg-tiny": Path(__file__).resolve().parent.parent / "data" / "models" / "wsiseg-tiny"}
 #: names a cached bundle may have (also its folder name).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -107,6 +111,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | Literal["class
     text = os.fspath(name_or_path)
     if text == "classical":
         return "classical"
+    if text in BUILTIN_BUNDLES and (BUILTIN_BUNDLES[text] / MANIFEST).is_file():
+        return BUILTIN_BUNDLES[text]
     path = Path(text).expanduser()
     if path.exists():
         return path.resolve()

@@ -157,6 +157,7 @@ class TinyTask:
         areas = np.array([lab.size for _, lab in self.images], np.float64)
         self.weights = areas / areas.sum()
         self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
+        torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
         self.model = build_network({"levels": recipe.levels, "base_channels": recipe.base_channels})
         self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)

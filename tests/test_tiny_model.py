@@ -1,0 +1,200 @@
+"""wsiseg-tiny's parts: peaks become points, a watershed gives disjoint masks, bundles load,
+and training resumes after a stop with the same loss curve as an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsiseg.models.protocols import PromptBatch
+from wsiseg.models.tiny.prompter import PeakSettings, peak_points
+from wsiseg.models.tiny.segmentor import WatershedSettings, watershed_masks
+from wsiseg.synthetic import SyntheticSpec, make_nuclei, render_region, truth_mask
+from wsiseg.training.targets import dense_targets
+
+
+def _maps_of(labels: np.ndarray) -> np.ndarray:
+    """Perfect maps of an instance label image (what a perfectly trained network predicts)."""
+    return dense_targets(labels).stack()
+
+
+def _two_touching_discs() -> np.ndarray:
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((64, 64), np.int32)
+    labels[(yy - 32) ** 2 + (xx - 22) ** 2 <= 100] = 1
+    labels[(yy - 32) ** 2 + (xx - 41) ** 2 <= 100] = 2
+    return labels
+
+
+def test_each_centre_peak_gives_one_point_at_the_nucleus_centre() -> None:
+    maps = _maps_of(_two_touching_discs())
+    points = peak_points(maps, PeakSettings())
+    assert len(points) == 2
+    xy = points.xy[np.argsort(points.xy[:, 0])]
+    np.testing.assert_allclose(xy, [[22.5, 32.5], [41.5, 32.5]], atol=1.0)
+    assert np.all(points.score > 0.9)
+
+
+def test_a_plateau_gives_one_point_and_background_peaks_none() -> None:
+    maps = np.zeros((3, 32, 32), np.float32)
+    maps[1, 10:12, 10:12] = 0.8  # a flat 2x2 plateau on foreground
+    maps[0, 5:20, 5:20] = 0.9
+    maps[1, 25, 25] = 0.9  # a peak on background
+    points = peak_points(maps, PeakSettings())
+    assert len(points) == 1
+    assert 10 <= points.xy[0, 0] <= 12 and 10 <= points.xy[0, 1] <= 12
+
+
+def test_min_score_threshold_drops_weak_peaks() -> None:
+    maps = _maps_of(_two_touching_discs())
+    maps[1, :, 30:] *= 0.5  # the right nucleus' peak is weaker
+    assert len(peak_points(maps, PeakSettings(threshold=0.3))) == 2
+    assert len(peak_points(maps, PeakSettings(threshold=0.6))) == 1
+
+
+def test_watershed_splits_touching_nuclei_into_disjoint_masks() -> None:
+    labels = _two_touching_discs()
+    batch = PromptBatch(np.array([[[22.5, 32.5], [41.5, 32.5]], [[41.5, 32.5], [22.5, 32.5]]]),
+                        np.array([[1, 0], [1, 0]]))
+    tm = watershed_masks(_maps_of(labels), batch, WatershedSettings())
+    dense = np.zeros((2, 64, 64), bool)
+    for i, (box, m) in enumerate(zip(tm.bbox_px, tm.masks)):
+        dense[i, box[1]:box[3], box[0]:box[2]] = m
+    assert not (dense[0] & dense[1]).any()
+    for i in range(2):
+        inter = (dense[i] & (labels == i + 1)).sum()
+        union = (dense[i] | (labels == i + 1)).sum()
+        assert inter / union > 0.9
+    assert np.all(tm.iou > 0.9)
+
+
+def test_a_point_inside_another_nucleus_never_gives_an_overlapping_mask() -> None:
+    labels = np.zeros((64, 64), np.int32)
+    yy, xx = np.mgrid[:64, :64]
+    labels[(yy - 32) ** 2 + (xx - 32) ** 2 <= 225] = 1
+    maps = _maps_of(labels)
+    # a nucleolus-like second point 6 px from the centre, each the other's negative
+    batch = PromptBatch(np.array([[[32.5, 32.5], [38.5, 32.5]], [[38.5, 32.5], [32.5, 32.5]]]),
+                        np.array([[1, 0], [1, 0]]))
+    tm = watershed_masks(maps, batch, WatershedSettings())
+    dense = np.zeros((2, 64, 64), bool)
+    for i, (box, m) in enumerate(zip(tm.bbox_px, tm.masks)):
+        dense[i, box[1]:box[3], box[0]:box[2]] = m
+    assert not (dense[0] & dense[1]).any()  # carved, never duplicated
+    assert (dense[0] | dense[1]).sum() == (labels == 1).sum()
+
+
+def test_a_prompt_on_background_gets_an_empty_mask() -> None:
+    maps = _maps_of(_two_touching_discs())
+    batch = PromptBatch(np.array([[[5.5, 5.5], [22.5, 32.5]]]), np.array([[1, 0]]))
+    tm = watershed_masks(maps, batch, WatershedSettings())
+    assert tm.masks[0].size == 0
+
+
+def test_masks_are_cut_to_the_largest_nucleus_diameter() -> None:
+    labels = np.zeros((128, 128), np.int32)
+    labels[10:118, 60:68] = 1  # a long streak, far longer than any nucleus
+    tm = watershed_masks(_maps_of(labels), PromptBatch(np.array([[[64.5, 64.5]]]), np.array([[1]])),
+                         WatershedSettings(max_nucleus_diameter_px=32))
+    x0, y0, x1, y1 = tm.bbox_px[0]
+    assert y1 - y0 <= 33 and x1 - x0 <= 33
+
+
+# --------------------------------------------------------------------------- bundles and training
+
+
+def _tiny_dataset(folder: Path) -> Path:
+    """Two synthetic 0.25 µm/px images with their instance labels, as a pairs dataset."""
+    import json
+
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for seed in (11, 12):
+        spec = SyntheticSpec(width=160, height=160, mpp=0.25, seed=seed, tissue_fraction=1.0)
+        truth = make_nuclei(spec)
+        image = render_region(spec, truth, 0, 0, spec.width, spec.height)
+        labels = truth_mask(spec, truth, 0, 0, spec.width, spec.height)
+        Image.fromarray(image).save(folder / f"img{seed}.png")
+        tifffile.imwrite(folder / f"img{seed}.labels.tif", labels.astype(np.uint16))
+        items.append({"name": f"img{seed}", "image": f"img{seed}.png", "labels": f"img{seed}.labels.tif", "mpp": 0.25})
+    (folder / "manifest.json").write_text(json.dumps({"items": items}))
+    return folder
+
+
+def _recipe(tmp_path: Path, **kw: Any) -> Any:
+    from wsiseg.training.tiny import TinyRecipe
+
+    data = _tiny_dataset(tmp_path / "data")
+    base = dict(data=str(data), levels=3, base_channels=4, epochs=2, steps_per_epoch=2, batch_size=2, crop_px=64,
+                validate_every=0, val_fraction=0.0, threads=1, precision="fp32")
+    base.update(kw)
+    return TinyRecipe(**base)
+
+
+def test_training_resumed_after_a_stop_repeats_the_uninterrupted_loss_curve(tmp_path: Path) -> None:
+    import torch
+
+    from wsiseg.training.tiny import train_tiny
+
+    recipe = _recipe(tmp_path)
+    whole = train_tiny(recipe, tmp_path / "whole", progress=False)
+    first = train_tiny(recipe, tmp_path / "split", progress=False, stop_after_epochs=1)
+    assert len(first.history) == 1 and not (tmp_path / "split" / "bundle").exists()
+    resumed = train_tiny(recipe, tmp_path / "split", resume=True, progress=False)
+    losses = [[row[k] for k in ("loss", "fg_bce", "centre", "distance")] for row in whole.history]
+    assert losses == [[row[k] for k in ("loss", "fg_bce", "centre", "distance")] for row in resumed.history]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(tmp_path: Path) -> None:
+    from wsiseg.training.loop import TrainingError
+    from wsiseg.training.tiny import train_tiny
+
+    recipe = _recipe(tmp_path, epochs=1, steps_per_epoch=1)
+    train_tiny(recipe, tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train_tiny(recipe, tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train_tiny(recipe, tmp_path / "other", resume=True, progress=False)
+
+
+def test_trained_bundle_runs_in_the_pipeline_and_geojson_agrees_with_the_label_raster(tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    from wsiseg.models import load_prompter, load_segmentor
+    from wsiseg.models.tiny import TinyPrompter, TinySegmentor
+    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.scheduling import SchedulerConfig
+    from wsiseg.writers.zarr_store import open_nuclei
+
+    recipe = _recipe(tmp_path, epochs=1, steps_per_epoch=3)
+    from wsiseg.training.tiny import train_tiny
+
+    bundle = train_tiny(recipe, tmp_path / "run", progress=False).bundle
+    assert isinstance(load_prompter(bundle), TinyPrompter)
+    assert isinstance(load_segmentor(bundle), TinySegmentor)
+    # both components share one weights file
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {c["weights"]["file"] for c in manifest["components"].values()} == {"network.safetensors"}
+
+    image = tmp_path / "data" / "img11.png"
+    config = RunConfig(model=str(bundle), mpp=0.25, tissue_detection=False, min_score=0.05,
+                       scheduler=SchedulerConfig(scheduler="synchronous"))
+    result = run_slide(image, tmp_path / "out", config)
+    with gzip.open(result.geojson, "rt") as fh:
+        features = json.load(fh)["features"]
+    store = open_nuclei(result.zarr)
+    assert len(features) == store.count == result.n_nuclei
+    labels = store.labels(0)[...] if hasattr(store, "labels") else None
+    if labels is not None:
+        ids = np.unique(labels)
+        assert len(ids[ids > 0]) == store.count  # every nucleus keeps pixels: none hidden under another
