@@ -32,7 +32,7 @@ _HEADERS = {"f1_detection": "f1"}
               help="Output folder: eval.csv, eval.json, overlays/.")
 @click.option("--compare", "compare", multiple=True, help="Another model to evaluate on the same images (repeatable).")
 @click.option("--prompter", default=None, help="Prompter model to use instead of the bundle's own.")
-@click.option("--tile-size", "tile_size", type=int, default=256, show_default=True, help="Tile size in model px.")
+@click.option("--tile-size", "tile_size", type=int, default=None, help="Tile size in model px (default: the model's).")
 @click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px.")
 @click.option("--tissue-detection", is_flag=True, help="Detect tissue first (off: dataset images are tissue crops).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)

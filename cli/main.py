@@ -98,7 +98,8 @@ def _run_options(f: Any) -> Any:
         click.option("--prompter", default=None, help="Prompter model to use instead of the bundle's own."),
         click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None, help="Points to segment (CSV x,y[,label] or GeoJSON, level-0 px)."),
-        click.option("--tile-size", "tile_size", type=int, default=256, show_default=True, help="Tile size in model px."),
+        click.option("--tile-size", "tile_size", type=int, default=None,
+                     help="Tile size in model px (default: the model's; 512 for wsiseg-tiny, 256 for classical and SAM)."),
         click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px."),
         click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px when the file lacks it."),
         click.option("--roi", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -278,6 +279,12 @@ def _register_train() -> None:
     main.add_command(train)
 
 
+def _register_pseudo_label() -> None:
+    from wsiseg.cli.pseudo_label import pseudo_label_command
+
+    main.add_command(pseudo_label_command)
+
+
 def _register_models() -> None:
     from wsiseg.cli.models import models
 
@@ -300,6 +307,7 @@ _register_models()
 _register_eval()
 _register_score()
 _register_train()
+_register_pseudo_label()
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ SYNC = SchedulerConfig(scheduler="synchronous")
 
 def _config(**kw: Any) -> RunConfig:
     kw.setdefault("scheduler", SYNC)
+    kw.setdefault("model", "classical")  # these rules are exact for the weight-free model
     return RunConfig(**kw)
 
 

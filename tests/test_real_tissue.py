@@ -26,7 +26,7 @@ def ihc_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_classical_model_finds_plausible_nuclei_in_real_tissue(ihc_png: Path, tmp_path: Path) -> None:
     result = run_slide(
         ihc_png, tmp_path,
-        RunConfig(mpp=0.5, tissue_detection=False, scheduler=SchedulerConfig(scheduler="synchronous")),
+        RunConfig(model="classical", mpp=0.5, tissue_detection=False, scheduler=SchedulerConfig(scheduler="synchronous")),
     )
     store = open_nuclei(result.zarr)
     table = store.table()
@@ -47,7 +47,7 @@ def test_tile_size_does_not_change_nuclei_when_tissue_reaches_the_image_edge(ihc
     for tile in (256, 1024):
         result = run_slide(
             ihc_png, tmp_path / str(tile),
-            RunConfig(mpp=0.5, tissue_detection=False, tile_size_px=tile,
+            RunConfig(model="classical", mpp=0.5, tissue_detection=False, tile_size_px=tile,
                       scheduler=SchedulerConfig(scheduler="synchronous")),
         )
         polys = open_nuclei(result.zarr).table().polygons()

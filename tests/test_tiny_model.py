@@ -198,3 +198,11 @@ def test_trained_bundle_runs_in_the_pipeline_and_geojson_agrees_with_the_label_r
     if labels is not None:
         ids = np.unique(labels)
         assert len(ids[ids > 0]) == store.count  # every nucleus keeps pixels: none hidden under another
+
+
+def test_distance_source_gives_one_point_per_core() -> None:
+    maps = _maps_of(_two_touching_discs())
+    points = peak_points(maps, PeakSettings(source="distance"))
+    assert len(points) == 2
+    xy = points.xy[np.argsort(points.xy[:, 0])]
+    np.testing.assert_allclose(xy, [[22.5, 32.5], [41.5, 32.5]], atol=1.5)

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -40,6 +40,8 @@ MIN_NUCLEUS_AREA_UM2 = 4.0
 STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
 #: the model `wsiseg run` uses when none is named: the built-in learned model.
 DEFAULT_MODEL = "wsiseg-tiny"
+#: tile side (model px) when neither --tile-size nor the model decides it.
+DEFAULT_TILE_PX = 256
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     prompter: str | None = None
     prompts_file: Path | None = None
-    tile_size_px: int = 256
+    #: None: the segmentor's required or preferred tile size, else DEFAULT_TILE_PX
+    tile_size_px: int | None = None
     overlap_px: int = 64
     mpp: float | None = None
     tissue_detection: bool = True
@@ -65,9 +68,9 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.tile_size_px < 64:
+        if self.tile_size_px is not None and self.tile_size_px < 64:
             raise ValueError(f"--tile-size must be >= 64, got {self.tile_size_px}")
-        if not (0 <= self.overlap_px < self.tile_size_px and self.overlap_px % 2 == 0):
+        if not (0 <= self.overlap_px < (self.tile_size_px or DEFAULT_TILE_PX) and self.overlap_px % 2 == 0):
             raise ValueError(
                 f"--overlap must be an even number of px, >= 0 and below --tile-size ({self.tile_size_px}); "
                 f"got {self.overlap_px}"
@@ -268,6 +271,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
             f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
         )
     tile_px = _tile_size(config, segmentor)
+    config = replace(config, tile_size_px=tile_px)  # provenance, reports and checkpoints record the size used
     scaled = ScaledSlide(reader, segmentor.mpp)
     slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp)
     WORKER_CACHE[("slide", slide_spec)] = scaled
@@ -467,12 +471,16 @@ def _classes(prompter: Prompter | None) -> tuple[NucleusClass, ...]:
 
 
 def _tile_size(config: RunConfig, segmentor: Segmentor) -> int:
+    """--tile-size, else the size the segmentor requires or prefers (`preferred_tile_px`), else 256."""
     want = segmentor.input_size_px
-    if want is not None and want != config.tile_size_px:
+    if want is not None and config.tile_size_px is not None and want != config.tile_size_px:
         raise ValueError(
             f"model {config.model!r} takes {want} px tiles; run with --tile-size {want} (got {config.tile_size_px})"
         )
-    return config.tile_size_px
+    tile_px = int(config.tile_size_px or want or getattr(segmentor, "preferred_tile_px", None) or DEFAULT_TILE_PX)
+    if config.overlap_px >= tile_px:
+        raise ValueError(f"--overlap ({config.overlap_px}) must be below the tile size ({tile_px} px)")
+    return tile_px
 
 
 def _prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> int:

@@ -63,12 +63,14 @@ class TinyRecipe:
     scale_jitter: float = 0.1
     validate_every: int = 1
     threshold: float = 0.3
+    prompt_source: str = "centre"
     min_distance_px: int = 4
     foreground_threshold: float = 0.5
     max_nucleus_diameter_px: int = 64
     nms_radius_px: float = 4.0
     k_negatives: int = 8
     context_px: int = 48
+    tile_px: int = 512
     inference_precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -117,7 +119,8 @@ def to_model_mpp(item: NucleusItem, mpp: float, override: float | None) -> tuple
 
 
 def sample_window(
-    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop_px: int, augment: AugmentConfig
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop_px: int, augment: AugmentConfig,
+    centre_sigma_px: float = 2.5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented (crop_px, crop_px, 3) uint8 crop and its (3, crop_px, crop_px) targets."""
     scale = float(rng.uniform(1 - augment.scale_jitter, 1 + augment.scale_jitter))
@@ -132,7 +135,7 @@ def sample_window(
     x0 = int(rng.integers(0, w - window + 1))
     img, lab = rescale(image[y0 : y0 + window, x0 : x0 + window], labels[y0 : y0 + window, x0 : x0 + window], scale)
     img, lab = augment_pair(img, lab, rng, augment)
-    targets = dense_targets(lab).stack()
+    targets = dense_targets(lab, centre_sigma_px=centre_sigma_px).stack()
     cy, cx = (lab.shape[0] - crop_px) // 2, (lab.shape[1] - crop_px) // 2
     return (
         np.ascontiguousarray(img[cy : cy + crop_px, cx : cx + crop_px]),
@@ -172,7 +175,7 @@ class TinyTask:
         r = self.recipe
         for _ in range(steps):
             picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
-            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment) for i in picks]
+            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px) for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
     def losses(self, logits: Any, targets: Any) -> dict[str, Any]:
@@ -225,13 +228,14 @@ class TinyTask:
             "components": {
                 "prompter": {
                     "architecture": "tiny_prompter",
-                    "config": {**common, "threshold": r.threshold, "min_distance_px": r.min_distance_px,
+                    "config": {**common, "threshold": r.threshold, "source": r.prompt_source,
+                               "min_distance_px": r.min_distance_px,
                                "foreground_threshold": r.foreground_threshold, "context_px": r.context_px},
                     "weights": dict(weights),
                 },
                 "segmentor": {
                     "architecture": "tiny_segmentor",
-                    "config": {**common, "foreground_threshold": r.foreground_threshold},
+                    "config": {**common, "foreground_threshold": r.foreground_threshold, "tile_px": r.tile_px},
                     "weights": dict(weights),
                 },
             },

@@ -1,10 +1,14 @@
-"""TinyPrompter: one point per peak of wsiseg-tiny's centre heatmap.
+"""TinyPrompter: one point per peak of wsiseg-tiny's centre heatmap (or per distance-map core).
 
-A pixel is a peak when it is the maximum of the centre map within a (2r+1)^2 window
+source "centre" (the default): a pixel is a peak when it is the maximum of the centre map within a (2r+1)^2 window
 (r = min_distance_px), its value exceeds `threshold` and the foreground probability there
 exceeds `foreground_threshold`.  Ties (plateaus) keep one point per connected group, at its
 first pixel in raster order.  Points are pixel centres (j + 0.5, i + 0.5) in the tile's
 pixel-edge frame; the score is the heatmap value.
+
+source "distance" (the distance-map watershed baseline's markers, e.g. Naylor et al. 2019):
+one point per 8-connected component of (distance > 0.5 and foreground), at the component's
+pixel of largest distance; the score is the component's mean foreground probability.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet
-from wsiseg.models.tiny.maps import CENTRE, FOREGROUND, DenseMapNet, MapSettings, tile_batches
+from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, DenseMapNet, MapSettings, tile_batches
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import Bundle
@@ -29,21 +33,27 @@ ARCHITECTURE = "tiny_prompter"
 class PeakSettings:
     """threshold: minimum centre-heatmap value of a point (the model's default score
     threshold, `--min-score` overrides it); min_distance_px: peaks closer than this merge;
-    foreground_threshold: the foreground probability a point needs."""
+    foreground_threshold: the foreground probability a point needs; source: "centre" or
+    "distance" (see module docstring)."""
 
     threshold: float = 0.3
     min_distance_px: int = 4
     foreground_threshold: float = 0.5
+    source: str = "centre"
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
             raise ValueError(f"thresholds must be in (0, 1), got {self.threshold}, {self.foreground_threshold}")
         if self.min_distance_px < 1:
             raise ValueError(f"min_distance_px must be >= 1, got {self.min_distance_px}")
+        if self.source not in ("centre", "distance"):
+            raise ValueError(f"source must be 'centre' or 'distance', got {self.source!r}")
 
 
 def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
     """maps: (3, H, W) float32 (foreground, centre, distance) -> one point per centre peak."""
+    if settings.source == "distance":
+        return core_points(maps, settings)
     centre = maps[CENTRE]
     size = 2 * settings.min_distance_px + 1
     is_peak = (centre >= ndi.maximum_filter(centre, size=size, mode="nearest")) & (centre > settings.threshold)
@@ -58,6 +68,20 @@ def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
     rows, cols = np.divmod(index, centre.shape[1])
     xy = np.stack([cols + 0.5, rows + 0.5], axis=1)
     return PointSet(xy, centre[rows, cols], np.zeros(len(rows), np.int16))
+
+
+def core_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
+    """One point per connected core (distance > 0.5 on foreground) of (3, H, W) maps."""
+    core = (maps[DISTANCE] > 0.5) & (maps[FOREGROUND] > settings.foreground_threshold)
+    groups, n = ndi.label(core, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return PointSet.empty()
+    index = np.arange(1, n + 1)
+    peaks = ndi.maximum_position(maps[DISTANCE], groups, index)
+    score = np.asarray(ndi.mean(maps[FOREGROUND], groups, index), np.float32)
+    yx = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    keep = score > settings.threshold
+    return PointSet(yx[keep][:, ::-1] + 0.5, score[keep], np.zeros(int(keep.sum()), np.int16))
 
 
 class TinyPrompter:
@@ -110,6 +134,7 @@ class TinyPrompter:
                 threshold=float(min_score if min_score is not None else config.get("threshold", 0.3)),
                 min_distance_px=int(config.get("min_distance_px", 4)),
                 foreground_threshold=float(config.get("foreground_threshold", 0.5)),
+                source=str(config.get("source", "centre")),
             )
         except ValueError as exc:
             raise ValueError(f"bundle {bundle.path}: {exc}") from exc

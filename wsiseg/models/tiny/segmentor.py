@@ -102,6 +102,7 @@ class TinySegmentor:
         mpp: float = 0.25,
         settings: WatershedSettings = WatershedSettings(),
         k_negatives: int = 8,
+        preferred_tile_px: int = 512,
     ) -> None:
         self.net = net
         self.name = name
@@ -109,6 +110,9 @@ class TinySegmentor:
         self.settings = settings
         self.k_negatives = int(k_negatives)
         self.input_size_px: int | None = None
+        #: the pipeline's tile size when --tile-size is not given: larger tiles spend less of
+        #: the network's time on overlaps and halos
+        self.preferred_tile_px = int(preferred_tile_px)
 
     @property
     def max_nucleus_diameter_px(self) -> int:
@@ -151,4 +155,5 @@ class TinySegmentor:
             mpp=bundle.manifest.mpp,
             settings=ws,
             k_negatives=bundle.manifest.k_negatives if k_negatives is None else int(k_negatives),
+            preferred_tile_px=int(component.config.get("tile_px", 512)),
         )

@@ -1,0 +1,190 @@
+"""`wsiseg train unet-prompter`: Segment Any Cell's auto-prompt generator, a UNet nuclear-probability map.
+
+Each step: `batch_size` augmented crops of `crop_px` (a multiple of 2 ** (levels - 1)); the
+loss is binary cross-entropy of the UNet's logits against the nuclear mask `labels > 0`
+(Segment Any Cell trains its 4-level UNet with BCE).  AdamW with a constant learning rate
+(1e-3 by default: our choice; the paper gives none).
+
+The bundle is an "unet_prompter" (`wsiseg.models.prompters.ProbabilityPrompter`) whose
+points are picked from the map by `selection` ("centroid" of connected components or
+"probability" sampling) with the PointSelection fields given here; `wsiseg run --model
+SEGMENTOR --prompter BUNDLE` runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsiseg.training.augment import AugmentConfig
+from wsiseg.training.crops import CropSampler
+from wsiseg.training.loop import FitResult, TrainingError, fit
+from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, split_dataset, torch_device
+from wsiseg.training.validation import (
+    ValidationRun,
+    check_prompter_companion,
+    companion_tile_size,
+    overlap_for,
+    validate_bundle,
+)
+
+if TYPE_CHECKING:
+    from wsiseg.datasets.item import NucleusItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UNetPrompterRecipe(TrainSettings):
+    """TrainSettings plus the UNet (levels, base_channels), init (an unet_prompter bundle to
+    start from; its architecture wins), the point selection the bundle runs with (selection,
+    threshold, min_area_px, min_spacing_px, context_px) and val_segmentor, the segmentor
+    validation runs with."""
+
+    lr: float = 1e-3
+    levels: int = 4
+    base_channels: int = 32
+    init: str | None = None
+    selection: str = "centroid"
+    threshold: float = 0.5
+    min_area_px: int = 16
+    min_spacing_px: float = 8.0
+    context_px: int = 48
+    val_segmentor: str = "classical"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from wsiseg.models.prompters.unet import UNetConfig
+
+        multiple = UNetConfig(self.levels, self.base_channels).multiple
+        if self.crop_px % multiple:
+            raise ValueError(f"crop_px must be a multiple of {multiple} for a {self.levels}-level UNet, "
+                             f"got {self.crop_px}")
+        self.point_selection()  # validates it
+        if self.context_px < 0:
+            raise ValueError(f"context_px must be >= 0, got {self.context_px}")
+
+    def point_selection(self) -> Any:
+        from wsiseg.models.prompters.probability import PointSelection
+
+        return PointSelection(method=self.selection, threshold=self.threshold, min_area_px=self.min_area_px,
+                              min_spacing_px=self.min_spacing_px)
+
+
+class UNetPrompterTask:
+    """The TrainingTask of `wsiseg train unet-prompter` (see `wsiseg.training.loop`)."""
+
+    def __init__(self, recipe: UNetPrompterRecipe, train: list[NucleusItem], val: list[NucleusItem]) -> None:
+        import torch
+
+        from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD
+        from wsiseg.models.prompters.probability import ProbabilityPrompter
+        from wsiseg.models.prompters.unet import UNet, UNetConfig
+
+        self.recipe = recipe
+        self.val = val if recipe.validate_every else []
+        if self.val:
+            check_prompter_companion(recipe.val_segmentor, recipe.mpp)
+        self.device = torch_device(recipe.device)
+        torch.manual_seed(recipe.seed)
+        if recipe.init:
+            try:
+                self.model = ProbabilityPrompter.from_bundle(recipe.init).model
+            except (OSError, ValueError) as exc:
+                raise TrainingError(str(exc)) from exc
+            self.source = f"bundle {Path(recipe.init).name}"
+        else:
+            self.model = UNet(UNetConfig(recipe.levels, recipe.base_channels))
+            self.source = "random"
+        if recipe.crop_px % self.model.config.multiple:
+            raise TrainingError(f"crop_px {recipe.crop_px} is not a multiple of {self.model.config.multiple}, "
+                                "which the UNet needs; choose another --crop-px")
+        self.model = self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        self.scheduler = None
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        augment = AugmentConfig(scale_jitter=recipe.scale_jitter) if recipe.augment else None
+        self.sampler = CropSampler(train, mpp=recipe.mpp, crop_px=recipe.crop_px, augment=augment)
+        self.n_train = len(train)
+
+    def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(steps):
+            crops = self.sampler.batch(rng, self.recipe.batch_size)
+            yield np.stack([c.image for c in crops]), np.stack([(c.labels > 0).astype(np.float32) for c in crops])
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        images, foreground = batch
+        x = (torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() - self.mean) / self.std
+        with autocast(self.device):
+            logits = self.model(x)
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), torch.from_numpy(foreground).to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    def manifest(self) -> dict[str, Any]:
+        from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD
+
+        r = self.recipe
+        c = self.model.config
+        config = {
+            "levels": c.levels, "base_channels": c.base_channels, "context_px": r.context_px,
+            "selection": r.selection, "threshold": r.threshold, "min_area_px": r.min_area_px,
+            "min_spacing_px": r.min_spacing_px,
+        }
+        return {
+            "name": r.name or "unet-prompter",
+            "version": r.version,
+            "description": f"UNet probability prompter trained by `wsiseg train unet-prompter` (from {self.source})",
+            "mpp": r.mpp,
+            "input_size": None,
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "nms_radius_px": r.min_spacing_px,
+            "components": {"prompter": {"architecture": "unet_prompter", "config": config}},
+        }
+
+    def write_bundle(self, out_dir: Path, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        from wsiseg.models.bundles import write_bundle
+
+        return Path(write_bundle(out_dir, {**self.manifest(), **(extra or {})}, {"prompter": state}).path)
+
+    def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
+        seg = self.recipe.val_segmentor
+        tile = companion_tile_size(seg)
+        run = ValidationRun("prompter", seg, tile_size_px=tile, overlap_px=overlap_for(tile),
+                            device=pipeline_device(self.device))
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return validate_bundle(lambda folder: self.write_bundle(folder, state), self.val, work_dir, epoch, run)
+
+    def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
+        training = {
+            "mode": "unet-prompter",
+            "settings": self.recipe.recorded(),
+            "start": self.source,
+            "train_images": self.n_train,
+            "validation_images": [it.name for it in self.val],
+            "last_epoch": history[-1] if history else None,
+        }
+        return self.write_bundle(out_dir, state, {"training": training})
+
+
+def train_unet_prompter(
+    recipe: UNetPrompterRecipe, out_dir: Path, *, resume: bool = False, progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> FitResult:
+    """Train a UNet probability prompter; the bundle lands in out_dir/bundle (see `wsiseg.training.loop.fit`)."""
+    train, val = split_dataset(recipe)
+    log.info("unet-prompter: %d training images, %d validation images", len(train), len(val))
+    task = UNetPrompterTask(recipe, train, val)
+    return fit(task, out_dir, recipe.loop_config(bool(task.val)), resume=resume, progress=progress,
+               stop_after_epochs=stop_after_epochs)
