@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--model", default="classical")
     p.add_argument("--prompter", default=None, help="prompter to pair with a segmentor-only bundle")
-    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--tile-size", type=int, default=None, help="model px (default: the model's own)")
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-tiles", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for the throughput run (0: skip)")
@@ -141,12 +141,14 @@ def main() -> None:
         print(f"slide {size}x{size}", flush=True)
         slide = make_slide(size, slides_dir)
         entry: dict[str, Any] = {"size": size, "file_mb": round(slide.stat().st_size / 2**20, 1)}
-        bare_decode(slide, args.tile_size)  # warm the file cache, so neither loop pays for the disk
-        entry["bare_decode"] = max((bare_decode(slide, args.tile_size) for _ in range(2)), key=lambda r: r["tiles_per_s"])
-        entry["wsiseg_read"] = max((wsiseg_read(slide, args.tile_size) for _ in range(2)), key=lambda r: r["tiles_per_s"])
+        read_px = args.tile_size or 256
+        bare_decode(slide, read_px)  # warm the file cache, so neither loop pays for the disk
+        entry["bare_decode"] = max((bare_decode(slide, read_px) for _ in range(2)), key=lambda r: r["tiles_per_s"])
+        entry["wsiseg_read"] = max((wsiseg_read(slide, read_px) for _ in range(2)), key=lambda r: r["tiles_per_s"])
         entry["read_vs_bare"] = round(entry["wsiseg_read"]["tiles_per_s"] / entry["bare_decode"]["tiles_per_s"], 3)
         for workers in ([0, args.workers] if args.workers else [0]):
-            cmd = [sys.executable, __file__, "--model", args.model, "--tile-size", str(args.tile_size),
+            cmd = [sys.executable, __file__, "--model", args.model,
+                   *(["--tile-size", str(args.tile_size)] if args.tile_size else []),
                    *(["--prompter", args.prompter] if args.prompter else []),
                    "--overlap", str(args.overlap), "--batch-tiles", str(args.batch_tiles), "--device", args.device,
                    "--child", str(slide), str(args.out / f"run-{size}-{workers}"), str(workers)]

@@ -13,8 +13,8 @@ import click
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", required=True, help="SAM bundle (folder, zip, cached name) or SAM .pth checkpoint.")
 @click.option("--weak", type=click.Path(exists=True, path_type=Path), default=None,
-              help="CSV (image,x,y or image,x0,y0,x1,y1) or a folder of NAME.geojson / NAME.labels.* "
-                   "[beside each image].")
+              help="CSV (image,x,y or image,x0,y0,x1,y1), a GeoJSON (one image) or a folder of "
+                   "NAME.geojson / NAME.labels.* [beside each image].")
 @click.option("--label-prompts", type=click.Choice(["points", "boxes"]), default="boxes", show_default=True,
               help="What an instance label image gives: centroids or bounding boxes.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,

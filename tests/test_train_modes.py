@@ -210,10 +210,11 @@ def test_unet_prompter_bundle_runs_with_the_classical_segmentor(
     assert run.report_data["model"]["prompter"] == "unet-prompter"
 
 
-def test_prompter_validation_at_another_resolution_than_classical_is_refused(dataset: Path, tmp_path: Path) -> None:
+def test_prompter_at_another_resolution_than_classical_is_validated_with_it(dataset: Path, tmp_path: Path) -> None:
+    # the classical segmentor adapts to the learned prompter's 0.25 µm/px (its sizes are in µm)
     recipe = UNetPrompterRecipe(data=str(dataset), **{**UNET, "mpp": 0.25, "validate_every": 1})
-    with pytest.raises(TrainingError, match="--model-mpp 0.5"):
-        train_unet_prompter(recipe, tmp_path / "run", progress=False)
+    result = train_unet_prompter(recipe, tmp_path / "run", progress=False)
+    assert "val_pq" in result.history[-1]
 
 
 def test_matching_trades_class_probability_against_distance() -> None:
@@ -222,13 +223,13 @@ def test_matching_trades_class_probability_against_distance() -> None:
     confident = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
     rows, cols = match_points(coords, confident, truths, np.zeros(2, np.int64), MatchWeights())
     assert dict(zip(cols.tolist(), rows.tolist())) == {0: 1, 1: 0}  # equal confidence: nearest wins
-    # a proposal 20 px farther is worth it when its class probability is 2.5 higher per 0.1 x distance:
-    # cost = 0.1 * distance - 1.0 * p; proposal 2 at 19 px with p 0.95 vs proposal 1 at 1 px with p 0.0
-    probs = np.array([[0.9, 0.1], [0.0, 1.0], [0.95, 0.05]])
-    rows, cols = match_points(coords, probs, truths[:1], np.zeros(1, np.int64), MatchWeights(point_cost=0.01))
-    assert rows.tolist() == [2]
+    # cost = point_cost * distance - p(class): proposal 0 is confident (p 0.9) but 11 px away,
+    # proposal 1 is 1 px away but sure it is background (p 0)
+    probs = np.array([[0.9, 0.1], [0.0, 1.0], [0.5, 0.5]])
+    rows, _ = match_points(coords, probs, truths[:1], np.zeros(1, np.int64), MatchWeights(point_cost=0.01))
+    assert rows.tolist() == [0]  # -0.79 beats 0.01
     rows, _ = match_points(coords, probs, truths[:1], np.zeros(1, np.int64), MatchWeights(point_cost=0.1))
-    assert rows.tolist() == [1]
+    assert rows.tolist() == [1]  # 0.1 beats 0.2
 
 
 def test_focal_loss_is_lin_et_al_and_dice_is_zero_for_a_perfect_mask() -> None:

@@ -38,14 +38,18 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
     prompter = load_prompter(prompter_name, device=spec.device, **dict(spec.prompter_options))
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
-        from wsiseg.models.classical import ClassicalPrompter
+        from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor
 
-        if not isinstance(prompter, ClassicalPrompter):
+        # the classical models' sizes are in µm: they adapt to a learned partner's resolution
+        if isinstance(prompter, ClassicalPrompter):
+            prompter = replace(prompter, mpp=segmentor.mpp)
+        elif isinstance(segmentor, ClassicalSegmentor):
+            segmentor = replace(segmentor, mpp=prompter.mpp)
+        else:
             raise ValueError(
                 f"prompter {prompter_name!r} works at {prompter.mpp} µm/px but segmentor {spec.model!r} at "
                 f"{segmentor.mpp} µm/px; use models made for the same resolution"
             )
-        prompter = replace(prompter, mpp=segmentor.mpp)  # its sizes are in µm: it adapts
     return prompter, segmentor
 
 

@@ -33,7 +33,6 @@ from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, s
 from wsiseg.training.targets import centroids_px
 from wsiseg.training.validation import (
     ValidationRun,
-    check_prompter_companion,
     companion_tile_size,
     overlap_for,
     validate_bundle,
@@ -78,7 +77,8 @@ class PrompterRecipe(TrainSettings):
         super().__post_init__()
         multiple = int(np.lcm(self.space, 32)) if self.space >= 1 else 32
         if self.space < 1 or self.crop_px % multiple:
-            raise ValueError(f"crop_px must be a multiple of {multiple} (the anchor spacing and 32), got {self.crop_px}")
+            raise ValueError(f"crop_px must be a multiple of {multiple} (the anchor spacing and 32), "
+                             f"got {self.crop_px}")
         if self.clip_grad_norm < 0 or self.nms_radius_px <= 0 or self.context_px < 0:
             raise ValueError("need clip_grad_norm >= 0, nms_radius_px > 0, context_px >= 0")
         self.weights()  # validates them
@@ -117,8 +117,6 @@ class PrompterTask:
 
         self.recipe = recipe
         self.val = val if recipe.validate_every else []
-        if self.val:
-            check_prompter_companion(recipe.val_segmentor, recipe.mpp)
         self.device = torch_device(recipe.device)
         torch.manual_seed(recipe.seed)
         if recipe.init:

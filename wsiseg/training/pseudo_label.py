@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsiseg.training.weak_labels import WeakLabels, find_weak_labels, read_weak_csv
+from wsiseg.training.weak_labels import WeakLabels, find_weak_labels, read_weak_csv, read_weak_geojson
 
 if TYPE_CHECKING:
     import torch
@@ -196,8 +196,10 @@ def segment_weak(sam: LoadedSam, image: np.ndarray, weak: WeakLabels, *, k_negat
                 logits = model.upsample_logits(low, tile_h, tile_w).cpu().numpy()
                 for n, prompt in enumerate(chunk):
                     mask = _limit(logits[n] > 0, weak.kind, local.coords[n], diameter)
-                    if mask.any():
-                        found.append((float(iou[n]), int(prompt), y0, x0, mask))
+                    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+                    if len(rows):  # kept cropped to its box
+                        box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+                        found.append((float(iou[n]), int(prompt), y0 + int(rows[0]), x0 + int(cols[0]), box))
     return _paint(found, weak, (height, width))
 
 
@@ -213,7 +215,9 @@ def _negatives(weak: WeakLabels, chunk: np.ndarray, k: int, shift: np.ndarray) -
     return pts[nearest] - shift
 
 
-def _paint(found: list[tuple[float, int, int, int, np.ndarray]], weak: WeakLabels, shape: tuple[int, int]) -> np.ndarray:
+def _paint(
+    found: list[tuple[float, int, int, int, np.ndarray]], weak: WeakLabels, shape: tuple[int, int]
+) -> np.ndarray:
     """Paint masks in increasing IoU (ties: prompt order), drop points that lost their pixel, renumber."""
     from skimage.segmentation import relabel_sequential
 
@@ -257,13 +261,26 @@ def image_mpp(image: Path, fallback: float | None) -> float:
     return resolve_mpp(image, stated.mpp if stated else None, fallback=fallback)
 
 
+def _weak_table(weak: Path | None, paths: list[Path]) -> dict[str, WeakLabels] | None:
+    """{image stem: labels} of a weak-label file (a CSV, or a GeoJSON for a single image); None
+    for a folder or None (labels are then found beside each image)."""
+    if weak is None or not weak.is_file():
+        return None
+    if weak.suffix.lower() in (".geojson", ".json"):
+        if len(paths) != 1:
+            raise ValueError(f"{weak}: a GeoJSON holds the labels of one image, but {len(paths)} images were given; "
+                             "put NAME.geojson beside each image or use a CSV")
+        return {paths[0].stem: read_weak_geojson(weak)}
+    return read_weak_csv(weak)
+
+
 def pseudo_label(
     images: Path | list[Path], out_dir: Path, config: PseudoLabelConfig, *, weak: Path | None = None
 ) -> list[dict[str, Any]]:
     """Pseudo-label every image and write the pairs dataset to out_dir; returns its manifest items.
 
-    weak: a CSV for all images, or a folder holding NAME.geojson / NAME.labels.* (default:
-    beside each image).  Raises ValueError (naming the file) for missing weak labels or
+    weak: a CSV for all images, a GeoJSON for a single image, or a folder holding
+    NAME.geojson / NAME.labels.* (default: beside each image).  Raises ValueError (naming the file) for missing weak labels or
     mpp, and when out_dir already holds a manifest.json.
     """
     import cv2
@@ -277,7 +294,7 @@ def pseudo_label(
     if (out_dir / "manifest.json").exists():
         raise ValueError(f"{out_dir} already holds a dataset (manifest.json); choose another output folder")
     paths = list_images(images)
-    table = read_weak_csv(weak) if weak is not None and weak.is_file() else None
+    table = _weak_table(weak, paths)
     sam = load_sam(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     items: list[dict[str, Any]] = []

@@ -159,7 +159,7 @@ def initial_sam(recipe: SegmentorRecipe) -> InitialSam:
             lora = LoraConfig.from_dict(comp.config["lora"])
             apply_lora(model, lora.rank, lora.alpha)
         load_sam_weights(model, bundle.load_weights("segmentor"), source=where)
-        return InitialSam(_merged_unless_lora(model, recipe.mode), variant, tuple(bmean), tuple(bstd),  # type: ignore[arg-type]
+        return InitialSam(_merged_unless_lora(model, recipe.mode), variant, bmean, bstd,
                           f"bundle {bundle.manifest.name}")
     except (OSError, ValueError, BundleError) as exc:
         raise TrainingError(str(exc)) from exc
@@ -168,7 +168,9 @@ def initial_sam(recipe: SegmentorRecipe) -> InitialSam:
 def _merged_unless_lora(model: SamModel, mode: str) -> SamModel:
     from wsiseg.models.sam.lora import merge_lora
 
-    return model if mode == "lora" else merge_lora(model)
+    if mode != "lora":
+        merge_lora(model)  # in place
+    return model
 
 
 def set_trainable(model: SamModel, mode: str, lora: LoraConfig) -> None:
@@ -304,7 +306,8 @@ class SegmentorTask:
         return {
             "name": r.name or f"sam-{variant}-{r.mode}",
             "version": r.version,
-            "description": f"SAM {variant} segmentor trained by `wsiseg train segmentor` ({r.mode}, from {self.start.source})",
+            "description": f"SAM {variant} segmentor trained by `wsiseg train segmentor` "
+                           f"({r.mode}, from {self.start.source})",
             "mpp": r.mpp,
             "input_size": r.crop_px,
             "normalisation": {"mean": list(self.start.mean), "std": list(self.start.std)},

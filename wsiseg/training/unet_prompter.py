@@ -27,7 +27,6 @@ from wsiseg.training.loop import FitResult, TrainingError, fit
 from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, split_dataset, torch_device
 from wsiseg.training.validation import (
     ValidationRun,
-    check_prompter_companion,
     companion_tile_size,
     overlap_for,
     validate_bundle,
@@ -35,6 +34,7 @@ from wsiseg.training.validation import (
 
 if TYPE_CHECKING:
     from wsiseg.datasets.item import NucleusItem
+    from wsiseg.models.prompters.probability import PointSelection
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class UNetPrompterRecipe(TrainSettings):
         if self.context_px < 0:
             raise ValueError(f"context_px must be >= 0, got {self.context_px}")
 
-    def point_selection(self) -> Any:
+    def point_selection(self) -> PointSelection:
+        """The PointSelection the bundle's prompter runs with."""
         from wsiseg.models.prompters.probability import PointSelection
 
         return PointSelection(method=self.selection, threshold=self.threshold, min_area_px=self.min_area_px,
@@ -88,8 +89,6 @@ class UNetPrompterTask:
 
         self.recipe = recipe
         self.val = val if recipe.validate_every else []
-        if self.val:
-            check_prompter_companion(recipe.val_segmentor, recipe.mpp)
         self.device = torch_device(recipe.device)
         torch.manual_seed(recipe.seed)
         if recipe.init:

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 #: The mean metrics validation reports (keys of `EvalReport.mean`).
 METRICS: tuple[str, ...] = ("pq", "dq", "sq", "aji", "dice", "f1_detection", "precision", "recall")
-#: µm/px the built-in "classical" segmentor runs at (`wsiseg.models.classical.ClassicalSegmentor`).
-CLASSICAL_MPP = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,20 +41,6 @@ class ValidationRun:
     def __post_init__(self) -> None:
         if self.role not in ("segmentor", "prompter"):
             raise ValueError(f"role must be 'segmentor' or 'prompter', got {self.role!r}")
-
-
-def check_prompter_companion(segmentor: str, mpp: float) -> None:
-    """Raise TrainingError when a prompter trained at `mpp` cannot run with `segmentor`.
-
-    The pipeline runs at the segmentor's mpp and refuses a learned prompter of another
-    resolution; the built-in "classical" segmentor works at 0.5 µm/px.
-    """
-    if segmentor == "classical" and abs(mpp - CLASSICAL_MPP) > 0.02 * CLASSICAL_MPP:
-        raise TrainingError(
-            f"validation with the classical segmentor runs at {CLASSICAL_MPP} µm/px, but the prompter is "
-            f"trained at {mpp} µm/px; pass --model-mpp {CLASSICAL_MPP}, a --val-segmentor bundle made for {mpp} µm/px, "
-            "or --validate-every 0"
-        )
 
 
 def validate_bundle(

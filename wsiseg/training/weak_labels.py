@@ -45,7 +45,8 @@ class WeakLabels:
             raise ValueError(f"weak label kind must be one of {KINDS}, got {self.kind!r}")
         width = 2 if self.kind == "points" else 4
         coords = np.asarray(self.coords, np.float64).reshape(-1, width)
-        if self.kind == "boxes" and len(coords) and not ((coords[:, 2] > coords[:, 0]) & (coords[:, 3] > coords[:, 1])).all():
+        ordered = (coords[:, 2] > coords[:, 0]) & (coords[:, 3] > coords[:, 1]) if self.kind == "boxes" else None
+        if ordered is not None and not ordered.all():
             raise ValueError("every box needs x1 > x0 and y1 > y0")
         object.__setattr__(self, "coords", coords)
 
