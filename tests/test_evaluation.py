@@ -81,7 +81,7 @@ def test_eval_equals_wsiseg_run_then_wsiseg_score(
     for name in SPECS:
         image = pairs_dir / f"{name}.png"
         run = CliRunner().invoke(
-            main, ["run", str(image), "--mpp", str(MPP), "--no-tissue-detection", "-o", str(tmp_path), "-q", *SYNC]
+            main, ["run", str(image), "--model", "classical", "--mpp", str(MPP), "--no-tissue-detection", "-o", str(tmp_path), "-q", *SYNC]
         )
         assert run.exit_code == 0, run.output
         pred, truth = tmp_path / f"{name}.zarr", pairs_dir / f"{name}.labels.tif"

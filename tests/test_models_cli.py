@@ -214,11 +214,12 @@ def test_cli_list_and_info(tmp_path: Path) -> None:
     result = run("list")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].startswith("classical") and "built-in" in lines[0]
+    assert lines[0].startswith("wsiseg-tiny") and "built-in" in lines[0]  # the default comes first
+    assert any(line.startswith("classical") and "built-in" in line for line in lines)
     assert any(line.startswith("tiny") and "sam @ 0.5 mpp" in line for line in lines)
     assert any(line.startswith("sam_vit_b") for line in lines)  # pullable
     listed = json.loads(run("list", "--json").output)
-    assert {"classical", "tiny", "sam_vit_b"} <= {row["name"] for row in listed}
+    assert {"wsiseg-tiny", "classical", "tiny", "sam_vit_b"} <= {row["name"] for row in listed}
 
     info = run("info", "tiny")
     assert info.exit_code == 0

@@ -271,7 +271,6 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
             f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
         )
     tile_px = _tile_size(config, segmentor)
-    config = replace(config, tile_size_px=tile_px)  # provenance, reports and checkpoints record the size used
     scaled = ScaledSlide(reader, segmentor.mpp)
     slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp)
     WORKER_CACHE[("slide", slide_spec)] = scaled
@@ -279,7 +278,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     timings["open"] = time.perf_counter() - t_start
 
     # -- tissue, prompter and the global prompt set (or their checkpoint)
-    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, _decisive(config, model_spec)))
+    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, _decisive(replace(config, tile_size_px=tile_px), model_spec)))
     saved = checkpoint.load_prompts()
     if saved is not None:
         points, counts = saved
@@ -321,6 +320,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         counts = {
             "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_raw": n_raw,
             "prompts": len(points), "nuclei": n_nuclei, "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
+            "tile_px": tile_px,
             "workers": runner.n_workers,
         }
         report = build_report(
