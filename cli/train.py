@@ -67,11 +67,26 @@ _COMMON = (
     click.option("-q", "--quiet", is_flag=True, help="No progress bar; warnings and errors only."),
 )
 
+#: the options of both prompter modes, after their own
+_PROMPTER = (
+    click.option("--crop-px", type=int, default=None, help="Training crop side, px [256]."),
+    click.option("--val-segmentor", default=None, help="Segmentor validation runs with [classical]."),
+)
 
-def _common(function: Any) -> Any:
-    for option in reversed(_COMMON):
-        function = option(function)
-    return function
+
+def _adding(options: tuple[Any, ...]) -> Callable[[Any], Any]:
+    """A decorator that adds the click `options` to a command, listed in the given order."""
+
+    def add(function: Any) -> Any:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return add
+
+
+_common = _adding(_COMMON)
+_prompter_options = _adding(_PROMPTER)
 
 
 def _run_mode(build: Callable[..., Any], train_fn: Callable[..., Any], kw: dict[str, Any]) -> None:
@@ -120,8 +135,7 @@ def segmentor_command(**kw: Any) -> None:
 @click.option("--init", default=None, help="Start from a dpa_p2pnet prompter bundle.")
 @click.option("--backbone", default=None, help="ConvNeXt size of a new prompter [convnext_small].")
 @click.option("--space", type=int, default=None, help="Anchor spacing, px [16].")
-@click.option("--crop-px", type=int, default=None, help="Training crop side, px [256].")
-@click.option("--val-segmentor", default=None, help="Segmentor validation runs with [classical].")
+@_prompter_options
 def prompter_command(**kw: Any) -> None:
     """Train a DPA-P2PNet point prompter (PromptNucSeg) with Hungarian-matched point targets."""
     from wsiseg.training.prompter import PrompterRecipe, train_prompter
@@ -134,8 +148,7 @@ def prompter_command(**kw: Any) -> None:
 @click.option("--init", default=None, help="Start from an unet_prompter bundle.")
 @click.option("--levels", type=int, default=None, help="UNet levels [4].")
 @click.option("--base-channels", type=int, default=None, help="UNet width at full resolution [32].")
-@click.option("--crop-px", type=int, default=None, help="Training crop side, px [256].")
-@click.option("--val-segmentor", default=None, help="Segmentor validation runs with [classical].")
+@_prompter_options
 def unet_prompter_command(**kw: Any) -> None:
     """Train a UNet nuclear-probability prompter (Segment Any Cell's auto-prompter)."""
     from wsiseg.training.unet_prompter import UNetPrompterRecipe, train_unet_prompter

@@ -33,6 +33,7 @@ import numpy as np
 
 from wsiseg.datasets.image_files import read_rgb
 from wsiseg.datasets.item import DatasetError, NucleusItem
+from wsiseg.geojson_features import geojson_features
 
 #: Annotation suffixes, in the order they are looked for.
 GEOJSON_SUFFIXES: tuple[str, ...] = (".geojson", ".geojson.gz")
@@ -70,13 +71,8 @@ def read_qupath_nuclei(path: Path) -> list[QuPathNucleus]:
             data = json.load(stream)
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: not readable GeoJSON ({exc}); export the objects from QuPath again") from exc
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
+    features = geojson_features(data)
+    if features is None:
         raise DatasetError(f"{path}: not a GeoJSON FeatureCollection or list of Features; "
                            "export the objects from QuPath (File > Export objects as GeoJSON)")
     nuclei = []

@@ -17,7 +17,6 @@ runs.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.training.augment import AugmentConfig
-from wsiseg.training.crops import Crop, CropSampler
-from wsiseg.training.loop import FitResult, TrainingError, fit
+from wsiseg.training.bundle_task import BundleTask, fit_task, model_of_bundle
+from wsiseg.training.crops import Crop
+from wsiseg.training.loop import FitResult, TrainingError
 from wsiseg.training.point_matching import MatchWeights, point_losses
-from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, split_dataset, torch_device
+from wsiseg.training.settings import TrainSettings, autocast, pipeline_device
 from wsiseg.training.targets import centroids_px
-from wsiseg.training.validation import (
-    ValidationRun,
-    companion_tile_size,
-    overlap_for,
-    validate_bundle,
-)
+from wsiseg.training.validation import ValidationRun, prompter_validation_run
 
 if TYPE_CHECKING:
     from wsiseg.datasets.item import NucleusItem
-
-log = logging.getLogger(__name__)
 
 #: crop margin (px) whose labels give the centroids of nuclei cut by the crop
 MARGIN_PX = 32
@@ -106,46 +98,41 @@ class PointBatch:
     foreground: np.ndarray
 
 
-class PrompterTask:
+class PrompterTask(BundleTask[PrompterRecipe]):
     """The TrainingTask of `wsiseg train prompter` (see `wsiseg.training.loop`)."""
+
+    MODE = "prompter"
+    COMPONENT = "prompter"
+    CROP_MARGIN_PX = MARGIN_PX
 
     def __init__(self, recipe: PrompterRecipe, train: list[NucleusItem], val: list[NucleusItem]) -> None:
         import torch
 
-        from wsiseg.models.prompters.dpa_p2pnet import DPAP2PNet, DPAP2PNetConfig
-        from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD, PointPrompter
+        from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD
 
-        self.recipe = recipe
-        self.val = val if recipe.validate_every else []
-        self.device = torch_device(recipe.device)
-        torch.manual_seed(recipe.seed)
+        super().__init__(recipe, train, val if recipe.validate_every else [])
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def initial_model(self) -> tuple[Any, str]:
+        from wsiseg.models.prompters.dpa_p2pnet import DPAP2PNet, DPAP2PNetConfig
+        from wsiseg.models.prompters.point import PointPrompter
+
+        recipe = self.recipe
         if recipe.init:
-            try:
-                self.model = PointPrompter.from_bundle(recipe.init).model
-            except (OSError, ValueError) as exc:
-                raise TrainingError(str(exc)) from exc
-            self.source = f"bundle {Path(recipe.init).name}"
-            if self.model.config.num_classes != 1:
-                raise TrainingError(f"{recipe.init}: the prompter has {self.model.config.num_classes} classes; "
+            model, source = model_of_bundle(PointPrompter.from_bundle, recipe.init)
+            if model.config.num_classes != 1:
+                raise TrainingError(f"{recipe.init}: the prompter has {model.config.num_classes} classes; "
                                     "wsiseg train prompter trains one-class (nucleus) prompters")
         else:
             config = DPAP2PNetConfig.with_backbone(recipe.backbone, num_classes=1, num_levels=recipe.num_levels,
                                                    space=recipe.space, hidden_dim=recipe.hidden_dim,
                                                    dropout=recipe.dropout)
-            self.model = DPAP2PNet(config)
-            self.source = f"random {recipe.backbone}"
-        if recipe.crop_px % self.model.config.space:
+            model, source = DPAP2PNet(config), f"random {recipe.backbone}"
+        if recipe.crop_px % model.config.space:
             raise TrainingError(f"crop_px {recipe.crop_px} is not a multiple of the prompter's anchor spacing "
-                                f"{self.model.config.space}; choose another --crop-px")
-        self.model = self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        self.scheduler = None
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        augment = AugmentConfig(scale_jitter=recipe.scale_jitter) if recipe.augment else None
-        self.sampler = CropSampler(train, mpp=recipe.mpp, crop_px=recipe.crop_px, margin_px=MARGIN_PX,
-                                   augment=augment)
-        self.n_train = len(train)
+                                f"{model.config.space}; choose another --crop-px")
+        return model, source
 
     def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[PointBatch]:
         for _ in range(steps):
@@ -183,40 +170,14 @@ class PrompterTask:
             "num_levels": c.num_levels, "space": c.space, "hidden_dim": c.hidden_dim,
             "filtering": r.filtering, "context_px": r.context_px,
         }
-        return {
-            "name": r.name or "dpa-p2pnet",
-            "version": r.version,
-            "description": f"DPA-P2PNet point prompter trained by `wsiseg train prompter` (from {self.source})",
-            "mpp": r.mpp,
-            "input_size": None,
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "nms_radius_px": r.nms_radius_px,
-            "components": {"prompter": {"architecture": "dpa_p2pnet", "config": config}},
-        }
+        return self.bundle_manifest(
+            "dpa-p2pnet", f"DPA-P2PNet point prompter trained by `wsiseg train prompter` (from {self.source})",
+            "dpa_p2pnet", config, input_size=None, normalisation=(IMAGENET_MEAN, IMAGENET_STD),
+            nms_radius_px=r.nms_radius_px,
+        )
 
-    def write_bundle(self, out_dir: Path, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        from wsiseg.models.bundles import write_bundle
-
-        return Path(write_bundle(out_dir, {**self.manifest(), **(extra or {})}, {"prompter": state}).path)
-
-    def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
-        seg = self.recipe.val_segmentor
-        tile = companion_tile_size(seg)
-        run = ValidationRun("prompter", seg, tile_size_px=tile, overlap_px=overlap_for(tile),
-                            device=pipeline_device(self.device))
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return validate_bundle(lambda folder: self.write_bundle(folder, state), self.val, work_dir, epoch, run)
-
-    def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
-        training = {
-            "mode": "prompter",
-            "settings": self.recipe.recorded(),
-            "start": self.source,
-            "train_images": self.n_train,
-            "validation_images": [it.name for it in self.val],
-            "last_epoch": history[-1] if history else None,
-        }
-        return self.write_bundle(out_dir, state, {"training": training})
+    def validation_run(self) -> ValidationRun:
+        return prompter_validation_run(self.recipe.val_segmentor, pipeline_device(self.device))
 
 
 def train_prompter(
@@ -224,8 +185,5 @@ def train_prompter(
     stop_after_epochs: int | None = None,
 ) -> FitResult:
     """Train a DPA-P2PNet prompter; the bundle lands in out_dir/bundle (see `wsiseg.training.loop.fit`)."""
-    train, val = split_dataset(recipe)
-    log.info("prompter: %d training images, %d validation images", len(train), len(val))
-    task = PrompterTask(recipe, train, val)
-    return fit(task, out_dir, recipe.loop_config(bool(task.val)), resume=resume, progress=progress,
-               stop_after_epochs=stop_after_epochs)
+    return fit_task(PrompterTask, recipe, out_dir, resume=resume, progress=progress,
+                    stop_after_epochs=stop_after_epochs)

@@ -33,17 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.training.augment import AugmentConfig
-from wsiseg.training.crops import CropSampler
-from wsiseg.training.loop import FitResult, TrainingError, fit
+from wsiseg.training.bundle_task import BundleTask, fit_task
+from wsiseg.training.loop import FitResult, TrainingError
 from wsiseg.training.sam_prompts import sample_instance_prompts
-from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, split_dataset, torch_device
-from wsiseg.training.validation import ValidationRun, overlap_for, validate_bundle
+from wsiseg.training.settings import TrainSettings, autocast, pipeline_device
+from wsiseg.training.validation import ValidationRun, overlap_for
 
 if TYPE_CHECKING:
     import torch
 
-    from wsiseg.datasets.item import NucleusItem
     from wsiseg.models.sam.build import SamModel
     from wsiseg.models.sam.lora import LoraConfig
 
@@ -210,30 +208,30 @@ class SamBatch:
     masks: np.ndarray
 
 
-class SegmentorTask:
+class SegmentorTask(BundleTask[SegmentorRecipe]):
     """The TrainingTask of `wsiseg train segmentor` (see `wsiseg.training.loop`)."""
 
-    def __init__(self, recipe: SegmentorRecipe, train: list[NucleusItem], val: list[NucleusItem]) -> None:
-        import torch
+    MODE = "segmentor"
+    COMPONENT = "segmentor"
 
+    def initial_model(self) -> tuple[SamModel, str]:
+        """The recipe's SAM (`initial_sam`) made trainable for its mode; keeps it as `start`
+        and its adapters' LoraConfig (None without adapters) as `lora`."""
         from wsiseg.models.sam.lora import LoraConfig
 
-        self.recipe = recipe
-        self.val = val
-        self.device = torch_device(recipe.device)
-        torch.manual_seed(recipe.seed)  # random architectures and fresh LoRA adapters
-        start = initial_sam(recipe)
-        self.start = start
-        set_trainable(start.model, recipe.mode, LoraConfig(recipe.lora_rank, recipe.lora_alpha))
-        self.lora = lora_config_of(start.model)
-        self.model = start.model.to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        drop_at = math.ceil(recipe.lr_drop_fraction * recipe.epochs * recipe.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 0.1 if s >= drop_at else 1.0)
-        augment = AugmentConfig(scale_jitter=recipe.scale_jitter) if recipe.augment else None
-        self.sampler = CropSampler(train, mpp=recipe.mpp, crop_px=recipe.crop_px, augment=augment)
-        self.n_train = len(train)
+        recipe = self.recipe
+        self.start = initial_sam(recipe)
+        set_trainable(self.start.model, recipe.mode, LoraConfig(recipe.lora_rank, recipe.lora_alpha))
+        self.lora = lora_config_of(self.start.model)
+        return self.start.model, self.start.source
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """x 0.1 from step ceil(lr_drop_fraction * all steps) on."""
+        import torch
+
+        r = self.recipe
+        drop_at = math.ceil(r.lr_drop_fraction * r.epochs * r.steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 if s >= drop_at else 1.0)
 
     def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[SamBatch]:
         r = self.recipe
@@ -303,44 +301,16 @@ class SegmentorTask:
         config: dict[str, Any] = {"variant": variant, "negatives_mode": "best_of_both" if r.k_negatives else "with"}
         if self.lora is not None:
             config["lora"] = self.lora.to_dict()
-        return {
-            "name": r.name or f"sam-{variant}-{r.mode}",
-            "version": r.version,
-            "description": f"SAM {variant} segmentor trained by `wsiseg train segmentor` "
-                           f"({r.mode}, from {self.start.source})",
-            "mpp": r.mpp,
-            "input_size": r.crop_px,
-            "normalisation": {"mean": list(self.start.mean), "std": list(self.start.std)},
-            "k_negatives": r.k_negatives,
-            "max_nucleus_diameter_px": r.max_nucleus_diameter_px,
-            "components": {"segmentor": {"architecture": "sam", "config": config}},
-        }
+        return self.bundle_manifest(
+            f"sam-{variant}-{r.mode}",
+            f"SAM {variant} segmentor trained by `wsiseg train segmentor` ({r.mode}, from {self.start.source})",
+            "sam", config, input_size=r.crop_px, normalisation=(self.start.mean, self.start.std),
+            k_negatives=r.k_negatives, max_nucleus_diameter_px=r.max_nucleus_diameter_px,
+        )
 
-    def write_bundle(self, out_dir: Path, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        from wsiseg.models.bundles import write_bundle
-
-        manifest = {**self.manifest(), **(extra or {})}
-        return Path(write_bundle(out_dir, manifest, {"segmentor": state}).path)
-
-    def current_state(self) -> dict[str, Any]:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
-        run = ValidationRun("segmentor", self.recipe.val_prompter, tile_size_px=self.recipe.crop_px,
-                            overlap_px=overlap_for(self.recipe.crop_px), device=pipeline_device(self.device))
-        return validate_bundle(lambda folder: self.write_bundle(folder, self.current_state()), self.val,
-                               work_dir, epoch, run)
-
-    def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
-        training = {
-            "mode": "segmentor",
-            "settings": self.recipe.recorded(),
-            "start": self.start.source,
-            "train_images": self.n_train,
-            "validation_images": [it.name for it in self.val],
-            "last_epoch": history[-1] if history else None,
-        }
-        return self.write_bundle(out_dir, state, {"training": training})
+    def validation_run(self) -> ValidationRun:
+        return ValidationRun("segmentor", self.recipe.val_prompter, tile_size_px=self.recipe.crop_px,
+                             overlap_px=overlap_for(self.recipe.crop_px), device=pipeline_device(self.device))
 
 
 def train_segmentor(
@@ -348,8 +318,5 @@ def train_segmentor(
     stop_after_epochs: int | None = None,
 ) -> FitResult:
     """Train a SAM segmentor; the bundle lands in out_dir/bundle (see `wsiseg.training.loop.fit`)."""
-    train, val = split_dataset(recipe)
-    log.info("segmentor: %d training images, %d validation images", len(train), len(val))
-    task = SegmentorTask(recipe, train, val)
-    return fit(task, out_dir, recipe.loop_config(bool(val)), resume=resume, progress=progress,
-               stop_after_epochs=stop_after_epochs)
+    return fit_task(SegmentorTask, recipe, out_dir, resume=resume, progress=progress,
+                    stop_after_epochs=stop_after_epochs)

@@ -13,7 +13,6 @@ SEGMENTOR --prompter BUNDLE` runs it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.training.augment import AugmentConfig
-from wsiseg.training.crops import CropSampler
-from wsiseg.training.loop import FitResult, TrainingError, fit
-from wsiseg.training.settings import TrainSettings, autocast, pipeline_device, split_dataset, torch_device
-from wsiseg.training.validation import (
-    ValidationRun,
-    companion_tile_size,
-    overlap_for,
-    validate_bundle,
-)
+from wsiseg.training.bundle_task import BundleTask, fit_task, model_of_bundle
+from wsiseg.training.loop import FitResult, TrainingError
+from wsiseg.training.settings import TrainSettings, autocast, pipeline_device
+from wsiseg.training.validation import ValidationRun, prompter_validation_run
 
 if TYPE_CHECKING:
     from wsiseg.datasets.item import NucleusItem
     from wsiseg.models.prompters.probability import PointSelection
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,40 +68,34 @@ class UNetPrompterRecipe(TrainSettings):
                               min_spacing_px=self.min_spacing_px)
 
 
-class UNetPrompterTask:
+class UNetPrompterTask(BundleTask[UNetPrompterRecipe]):
     """The TrainingTask of `wsiseg train unet-prompter` (see `wsiseg.training.loop`)."""
+
+    MODE = "unet-prompter"
+    COMPONENT = "prompter"
 
     def __init__(self, recipe: UNetPrompterRecipe, train: list[NucleusItem], val: list[NucleusItem]) -> None:
         import torch
 
         from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD
+
+        super().__init__(recipe, train, val if recipe.validate_every else [])
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def initial_model(self) -> tuple[Any, str]:
         from wsiseg.models.prompters.probability import ProbabilityPrompter
         from wsiseg.models.prompters.unet import UNet, UNetConfig
 
-        self.recipe = recipe
-        self.val = val if recipe.validate_every else []
-        self.device = torch_device(recipe.device)
-        torch.manual_seed(recipe.seed)
+        recipe = self.recipe
         if recipe.init:
-            try:
-                self.model = ProbabilityPrompter.from_bundle(recipe.init).model
-            except (OSError, ValueError) as exc:
-                raise TrainingError(str(exc)) from exc
-            self.source = f"bundle {Path(recipe.init).name}"
+            model, source = model_of_bundle(ProbabilityPrompter.from_bundle, recipe.init)
         else:
-            self.model = UNet(UNetConfig(recipe.levels, recipe.base_channels))
-            self.source = "random"
-        if recipe.crop_px % self.model.config.multiple:
-            raise TrainingError(f"crop_px {recipe.crop_px} is not a multiple of {self.model.config.multiple}, "
+            model, source = UNet(UNetConfig(recipe.levels, recipe.base_channels)), "random"
+        if recipe.crop_px % model.config.multiple:
+            raise TrainingError(f"crop_px {recipe.crop_px} is not a multiple of {model.config.multiple}, "
                                 "which the UNet needs; choose another --crop-px")
-        self.model = self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        self.scheduler = None
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        augment = AugmentConfig(scale_jitter=recipe.scale_jitter) if recipe.augment else None
-        self.sampler = CropSampler(train, mpp=recipe.mpp, crop_px=recipe.crop_px, augment=augment)
-        self.n_train = len(train)
+        return model, source
 
     def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for _ in range(steps):
@@ -141,40 +126,14 @@ class UNetPrompterTask:
             "selection": r.selection, "threshold": r.threshold, "min_area_px": r.min_area_px,
             "min_spacing_px": r.min_spacing_px,
         }
-        return {
-            "name": r.name or "unet-prompter",
-            "version": r.version,
-            "description": f"UNet probability prompter trained by `wsiseg train unet-prompter` (from {self.source})",
-            "mpp": r.mpp,
-            "input_size": None,
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "nms_radius_px": r.min_spacing_px,
-            "components": {"prompter": {"architecture": "unet_prompter", "config": config}},
-        }
+        return self.bundle_manifest(
+            "unet-prompter", f"UNet probability prompter trained by `wsiseg train unet-prompter` (from {self.source})",
+            "unet_prompter", config, input_size=None, normalisation=(IMAGENET_MEAN, IMAGENET_STD),
+            nms_radius_px=r.min_spacing_px,
+        )
 
-    def write_bundle(self, out_dir: Path, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        from wsiseg.models.bundles import write_bundle
-
-        return Path(write_bundle(out_dir, {**self.manifest(), **(extra or {})}, {"prompter": state}).path)
-
-    def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
-        seg = self.recipe.val_segmentor
-        tile = companion_tile_size(seg)
-        run = ValidationRun("prompter", seg, tile_size_px=tile, overlap_px=overlap_for(tile),
-                            device=pipeline_device(self.device))
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return validate_bundle(lambda folder: self.write_bundle(folder, state), self.val, work_dir, epoch, run)
-
-    def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
-        training = {
-            "mode": "unet-prompter",
-            "settings": self.recipe.recorded(),
-            "start": self.source,
-            "train_images": self.n_train,
-            "validation_images": [it.name for it in self.val],
-            "last_epoch": history[-1] if history else None,
-        }
-        return self.write_bundle(out_dir, state, {"training": training})
+    def validation_run(self) -> ValidationRun:
+        return prompter_validation_run(self.recipe.val_segmentor, pipeline_device(self.device))
 
 
 def train_unet_prompter(
@@ -182,8 +141,5 @@ def train_unet_prompter(
     stop_after_epochs: int | None = None,
 ) -> FitResult:
     """Train a UNet probability prompter; the bundle lands in out_dir/bundle (see `wsiseg.training.loop.fit`)."""
-    train, val = split_dataset(recipe)
-    log.info("unet-prompter: %d training images, %d validation images", len(train), len(val))
-    task = UNetPrompterTask(recipe, train, val)
-    return fit(task, out_dir, recipe.loop_config(bool(task.val)), resume=resume, progress=progress,
-               stop_after_epochs=stop_after_epochs)
+    return fit_task(UNetPrompterTask, recipe, out_dir, resume=resume, progress=progress,
+                    stop_after_epochs=stop_after_epochs)

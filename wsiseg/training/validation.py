@@ -76,6 +76,12 @@ def overlap_for(tile_size_px: int) -> int:
     return min(64, tile_size_px // 4) // 2 * 2
 
 
+def prompter_validation_run(segmentor: str, device: str) -> ValidationRun:
+    """The ValidationRun of a prompter bundle run with `segmentor` on `device` ("cpu" or
+    "cuda"): tiles of the segmentor's size (`companion_tile_size`), overlap `overlap_for`."""
+    tile = companion_tile_size(segmentor)
+    return ValidationRun("prompter", segmentor, tile_size_px=tile, overlap_px=overlap_for(tile), device=device)
+
 
 def companion_tile_size(segmentor: str) -> int:
     """The tile size a validation run with `segmentor` needs: a SAM bundle's input size, else 256."""

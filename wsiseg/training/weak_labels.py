@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from wsiseg.geojson_features import geojson_features
 from wsiseg.training.targets import centroids_px
 
 KINDS = ("points", "boxes")
@@ -125,13 +126,8 @@ def read_weak_geojson(path: Path) -> WeakLabels:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the GeoJSON ({exc})") from exc
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
+    features = geojson_features(data)
+    if features is None:
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of Features")
     points: list[tuple[float, float]] = []
     boxes: list[tuple[float, float, float, float]] = []

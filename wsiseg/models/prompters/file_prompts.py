@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from wsiseg.geojson_features import geojson_features
 from wsiseg.models.protocols import NucleusClass, PointSet
 
 __all__ = ["read_prompt_file"]
@@ -145,13 +146,8 @@ def _read_geojson(path: Path, text: str, lookup: _ClassLookup) -> _Rows:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
+    features = geojson_features(data)
+    if features is None:
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of Features")
     xy: list[tuple[float, float]] = []
     cls: list[int] = []
