@@ -43,6 +43,8 @@ class TinyRecipe:
     val_fraction: float = 0.25
     exclude: tuple[str, ...] = ()
     mpp_overrides: dict[str, float] = field(default_factory=dict)
+    #: the model card's facts (data, licence, citations, intended use), copied into the manifest
+    card: dict[str, Any] = field(default_factory=dict)
     name: str = "wsiseg-tiny"
     version: str = "1.0"
     mpp: float = 0.25
@@ -93,7 +95,7 @@ class TinyRecipe:
             raise ValueError(f"{path}: cannot read the recipe: {exc}") from exc
         flat: dict[str, Any] = {}
         for key, value in raw.items():
-            if isinstance(value, dict) and key != "mpp_overrides":
+            if isinstance(value, dict) and key not in ("mpp_overrides", "card"):
                 flat.update(value)
             else:
                 flat[key] = value
@@ -263,12 +265,13 @@ class TinyTask:
     def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
         r = self.recipe
         training = {
-            "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if k != "data"},
+            "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()
+                       if k not in ("data", "card")},
             "train_images": len(self.images),
             "validation_images": [it.name for it in self.val],
             "last_epoch": history[-1] if history else None,
         }
-        return self.write_bundle(out_dir, state, {"training": training})
+        return self.write_bundle(out_dir, state, {"model_card": dict(r.card), "training": training})
 
 
 def split_items(recipe: TinyRecipe) -> tuple[list[NucleusItem], list[NucleusItem]]:

@@ -1,0 +1,83 @@
+"""The shipped learned default, wsiseg-tiny: a sound bundle with its model card, the default of
+`wsiseg run`, and right on synthetic slides (every nucleus once, whatever the tile size)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import shapely
+from scipy.spatial import cKDTree
+
+from wsiseg.models.cache import BUILTIN_BUNDLES, resolve_model
+from wsiseg.pipeline import DEFAULT_MODEL, RunConfig, run_slide
+from wsiseg.scheduling import SchedulerConfig
+from wsiseg.synthetic import SyntheticSpec
+from wsiseg.writers.zarr_store import open_nuclei
+
+BUNDLE = BUILTIN_BUNDLES["wsiseg-tiny"]
+SYNC = SchedulerConfig(scheduler="synchronous")
+
+
+def test_the_default_model_is_the_shipped_bundle() -> None:
+    assert RunConfig().model == DEFAULT_MODEL == "wsiseg-tiny"
+    assert resolve_model("wsiseg-tiny") == BUNDLE
+
+
+def test_shipped_bundle_verifies_is_small_and_carries_its_model_card() -> None:
+    from wsiseg.models.bundles import verify_bundle
+
+    assert verify_bundle(BUNDLE) == []
+    size = sum(p.stat().st_size for p in BUNDLE.iterdir() if p.is_file())
+    assert size < 20 * 2**20
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    card = manifest["model_card"]
+    assert "MoNuSeg" in card["data"] and "CC BY-NC-SA 4.0" in card["licence"]
+    assert any("10.1109/TMI.2017.2677499" in c for c in card["citations"])
+    assert any("10.1109/TMI.2019.2947628" in c for c in card["citations"])
+    training = manifest["training"]
+    assert training["recipe"]["mpp"] == manifest["mpp"]
+    assert len(training["validation_images"]) >= 7  # whole images held out, one per organ at least
+
+
+@pytest.fixture(scope="module")
+def synthetic(make_slide: Any) -> tuple[Path, Any]:
+    spec = SyntheticSpec(width=1100, height=900, mpp=0.5, seed=7, tissue_fraction=0.8, touching_fraction=0.1)
+    return make_slide(spec, "svs", compression="deflate")
+
+
+@pytest.fixture(scope="module")
+def default_run(synthetic: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return run_slide(synthetic[0], tmp_path_factory.mktemp("tiny"), RunConfig(scheduler=SYNC))
+
+
+def test_learned_default_finds_the_synthetic_nuclei_once_each(synthetic: tuple[Path, Any], default_run: Any) -> None:
+    _, truth = synthetic
+    assert default_run.report_data["model"]["segmentor"] == "wsiseg-tiny"
+    polys = open_nuclei(default_run.zarr).table().polygons()
+    pairs = shapely.STRtree(polys).query(shapely.points(truth.centers_l0), predicate="within")
+    hits = np.bincount(pairs[0], minlength=len(truth))
+    assert np.mean(hits >= 1) >= 0.95
+    assert hits.max() <= 1
+    claimed = np.bincount(pairs[1], minlength=len(polys))
+    assert np.mean(claimed == 0) < 0.05  # few polygons without a true nucleus
+
+
+def test_learned_default_finds_the_same_nuclei_whatever_the_tile_size(
+    synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path
+) -> None:
+    base = open_nuclei(default_run.zarr).table().centroid_l0
+    for tile in (256, 1024):
+        other = open_nuclei(run_slide(synthetic[0], tmp_path / str(tile),
+                                      RunConfig(tile_size_px=tile, scheduler=SYNC)).zarr).table().centroid_l0
+        assert len(other) == len(base)
+        distance, _ = cKDTree(base).query(other)
+        assert distance.max() < 1.0  # the same nuclei; masks may differ by a pixel at tile seams
+
+
+def test_min_score_trades_recall_for_precision(synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path) -> None:
+    strict = run_slide(synthetic[0], tmp_path, RunConfig(min_score=0.95, scheduler=SYNC))
+    assert 0 < strict.n_nuclei < default_run.n_nuclei
