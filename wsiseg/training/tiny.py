@@ -66,6 +66,7 @@ class TinyRecipe:
     validate_every: int = 1
     threshold: float = 0.3
     prompt_source: str = "centre"
+    core_threshold: float = 0.5
     min_distance_px: int = 4
     foreground_threshold: float = 0.5
     max_nucleus_diameter_px: int = 64
@@ -231,6 +232,7 @@ class TinyTask:
                 "prompter": {
                     "architecture": "tiny_prompter",
                     "config": {**common, "threshold": r.threshold, "source": r.prompt_source,
+                               "core_threshold": r.core_threshold,
                                "min_distance_px": r.min_distance_px,
                                "foreground_threshold": r.foreground_threshold, "context_px": r.context_px},
                     "weights": dict(weights),
@@ -258,7 +260,9 @@ class TinyTask:
             return {}
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         bundle = self.write_bundle(work_dir / "validation" / "bundle", state)
-        report = evaluate(bundle, self.val, out_dir=work_dir / "validation" / f"epoch-{epoch + 1:03d}", overlays=False)
+        out = work_dir / "validation" / f"epoch-{epoch + 1:03d}"
+        report = evaluate(bundle, self.val, out_dir=out, overlays=False)
+        report.write(out)  # per-image eval.csv / eval.json
         keys = ("pq", "dq", "sq", "aji", "dice", "f1_detection", "precision", "recall")
         return {k: round(float(report.mean[k]), 4) for k in keys if k in report.mean}
 

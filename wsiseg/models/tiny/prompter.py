@@ -7,7 +7,7 @@ first pixel in raster order.  Points are pixel centres (j + 0.5, i + 0.5) in the
 pixel-edge frame; the score is the heatmap value.
 
 source "distance" (the distance-map watershed baseline's markers, e.g. Naylor et al. 2019):
-one point per 8-connected component of (distance > 0.5 and foreground), at the component's
+one point per 8-connected component of (distance > core_threshold (0.5) and foreground), at the component's
 pixel of largest distance; the score is the component's mean foreground probability.
 """
 
@@ -34,18 +34,21 @@ class PeakSettings:
     """threshold: minimum centre-heatmap value of a point (the model's default score
     threshold, `--min-score` overrides it); min_distance_px: peaks closer than this merge;
     foreground_threshold: the foreground probability a point needs; source: "centre" or
-    "distance" (see module docstring)."""
+    "distance" (see module docstring); core_threshold: the distance level of a core."""
 
     threshold: float = 0.3
     min_distance_px: int = 4
     foreground_threshold: float = 0.5
     source: str = "centre"
+    core_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
             raise ValueError(f"thresholds must be in (0, 1), got {self.threshold}, {self.foreground_threshold}")
         if self.min_distance_px < 1:
             raise ValueError(f"min_distance_px must be >= 1, got {self.min_distance_px}")
+        if not 0 < self.core_threshold < 1:
+            raise ValueError(f"core_threshold must be in (0, 1), got {self.core_threshold}")
         if self.source not in ("centre", "distance"):
             raise ValueError(f"source must be 'centre' or 'distance', got {self.source!r}")
 
@@ -72,7 +75,7 @@ def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
 
 def core_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
     """One point per connected core (distance > 0.5 on foreground) of (3, H, W) maps."""
-    core = (maps[DISTANCE] > 0.5) & (maps[FOREGROUND] > settings.foreground_threshold)
+    core = (maps[DISTANCE] > settings.core_threshold) & (maps[FOREGROUND] > settings.foreground_threshold)
     groups, n = ndi.label(core, structure=np.ones((3, 3), bool))
     if n == 0:
         return PointSet.empty()
@@ -135,6 +138,7 @@ class TinyPrompter:
                 min_distance_px=int(config.get("min_distance_px", 4)),
                 foreground_threshold=float(config.get("foreground_threshold", 0.5)),
                 source=str(config.get("source", "centre")),
+                core_threshold=float(config.get("core_threshold", 0.5)),
             )
         except ValueError as exc:
             raise ValueError(f"bundle {bundle.path}: {exc}") from exc
