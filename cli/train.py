@@ -15,7 +15,8 @@ log = logging.getLogger("wsiseg")
 
 @click.group()
 def train() -> None:
-    """Train a model from labelled images; each mode writes a bundle that `wsiseg run --model` loads."""
+    """Train a model from labelled images; each mode writes a bundle: `wsiseg run --model BUNDLE` for
+    segmentors and whole models, `--prompter BUNDLE` for prompters."""
 
 
 @train.command("tiny")
@@ -25,17 +26,26 @@ def train() -> None:
               help="Work folder: checkpoint, metrics.csv/json, and the bundle in OUT/bundle.")
 @click.option("--data", default=None, help="Dataset (folder, CSV manifest); overrides the recipe's.")
 @click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--steps-per-epoch", type=int, default=None, help="Override the recipe's steps per epoch.")
+@click.option("--batch-size", type=int, default=None, help="Override the recipe's crops per step.")
+@click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
+@click.option("--val-fraction", type=float, default=None, help="Override the recipe's validation fraction.")
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed (split, weights, crops).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (same recipe); "
+              "on a finished run, writes its bundle again.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def tiny(recipe_path: Path, out_dir: Path, data: str | None, epochs: int | None, resume: bool, quiet: bool) -> None:
-    """Train wsiseg-tiny (UNet maps + centre-peak prompter + watershed segmentor)."""
+def tiny(recipe_path: Path, out_dir: Path, data: str | None, epochs: int | None, steps_per_epoch: int | None,
+         batch_size: int | None, lr: float | None, val_fraction: float | None, seed: int | None, resume: bool,
+         quiet: bool) -> None:
+    """Train wsiseg-tiny (UNet maps, core prompter, watershed segmentor) from a recipe TOML."""
     from wsiseg.datasets.item import DatasetError
     from wsiseg.training.loop import TrainingError
     from wsiseg.training.tiny import TinyRecipe, train_tiny
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        recipe = TinyRecipe.from_toml(recipe_path, data=data, epochs=epochs)
+        recipe = TinyRecipe.from_toml(recipe_path, data=data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                      batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
         result = train_tiny(recipe, out_dir, resume=resume, progress=not quiet)
     except (ValueError, DatasetError, TrainingError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)

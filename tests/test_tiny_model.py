@@ -206,3 +206,14 @@ def test_distance_source_gives_one_point_per_core() -> None:
     assert len(points) == 2
     xy = points.xy[np.argsort(points.xy[:, 0])]
     np.testing.assert_allclose(xy, [[22.5, 32.5], [41.5, 32.5]], atol=1.5)
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path: Path) -> None:
+    from wsiseg.training.loop import TrainingError
+    from wsiseg.training.tiny import train_tiny
+
+    recipe = _recipe(tmp_path)
+    train_tiny(recipe, tmp_path / "run", progress=False, stop_after_epochs=1)
+    changed = _recipe(tmp_path, lr=0.01)
+    with pytest.raises(TrainingError, match="lr: 0.002 in the run, 0.01 now"):
+        train_tiny(changed, tmp_path / "run", resume=True, progress=False)

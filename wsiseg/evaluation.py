@@ -178,6 +178,8 @@ def model_label(model: str | Path) -> str:
     path = Path(text)
     if path.suffix.lower() in (".zip", ".pth", ".pt", ".safetensors"):
         return path.stem
+    if path.name == "bundle" and path.parent.name:  # `wsiseg train -o RUN` writes RUN/bundle
+        return path.parent.name
     return path.name or text
 
 

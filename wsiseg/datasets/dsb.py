@@ -31,7 +31,7 @@ def list_dsb(folder: Path, *, mpp: float | None = None) -> list[ItemRef]:
     """
     if mpp is None:
         raise DatasetError(f"{folder}: the 2018 Data Science Bowl data has no resolution; "
-                           "pass mpp= for the images (e.g. mpp=0.25)")
+                           "pass --mpp (mpp= in Python) for the images (e.g. 0.25)")
     refs = []
     for sample in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "images").is_dir()):
         images = sorted(p for p in (sample / "images").iterdir() if p.is_file() and is_image_file(p))

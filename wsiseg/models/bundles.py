@@ -340,7 +340,9 @@ class Bundle:
     def component(self, role: str) -> Component:
         if role not in self.manifest.components:
             have = ", ".join(self.manifest.components) or "none"
-            raise BundleError(f"bundle {self.path}: has no {role} component (it has: {have})")
+            hint = {"segmentor": "; a prompter bundle goes to --prompter (with --model classical or a segmentor bundle)",
+                    "prompter": "; give points with --prompter NAME or --prompts FILE"}.get(role, "")
+            raise BundleError(f"bundle {self.path}: has no {role} component (it has: {have}){hint}")
         return self.manifest.components[role]
 
     def weights_path(self, role: str) -> Path:

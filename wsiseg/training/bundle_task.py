@@ -166,4 +166,14 @@ def fit_task(
     log.info("%s: %d training images, %d validation images", task_type.MODE, len(train), len(val))
     task = task_type(recipe, train, val)
     return fit(task, out_dir, recipe.loop_config(bool(task.val)), resume=resume, progress=progress,
-               stop_after_epochs=stop_after_epochs)
+               stop_after_epochs=stop_after_epochs, settings=_run_settings(recipe))
+
+
+def _run_settings(recipe: Any) -> dict[str, Any] | None:
+    """The recipe fields a resumed run must keep (not where the data lies, the device, or naming)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(recipe):
+        return None
+    free = {"data", "device", "name", "version", "validate_every"}
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if k not in free}

@@ -106,6 +106,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """settings as JSON values (tuples become lists), so they survive the checkpoint unchanged."""
+    return json.loads(json.dumps(settings, default=str))
+
+
 def _write_logs(out_dir: Path, history: list[dict[str, Any]]) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     keys: list[str] = []
@@ -151,14 +156,17 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `task` for config.epochs and write its bundle to `out_dir / "bundle"`.
 
     resume: continue from out_dir/checkpoint.pt (an error when there is none); without it an
     existing checkpoint is an error, so a finished or half-done run is never overwritten by
     accident.  stop_after_epochs: return after this many epochs of this call (for tests and
-    time-boxed sessions); the run is then resumable.
-    Raises TrainingError for a missing or unexpected checkpoint.
+    time-boxed sessions); the run is then resumable.  settings: the run's options (JSON-ready),
+    stored in the checkpoint; resuming with other settings is refused, since the weights would
+    no longer match the recipe that names them.
+    Raises TrainingError for a missing or unexpected checkpoint, or changed settings.
     """
     import torch
 
@@ -174,6 +182,11 @@ def fit(
         if not ckpt_path.is_file():
             raise TrainingError(f"{ckpt_path} does not exist: nothing to resume (run without --resume)")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        stored = state.get("settings")
+        if settings is not None and stored is not None and stored != _plain(settings):
+            changed = sorted(k for k in set(stored) | set(_plain(settings)) if stored.get(k) != _plain(settings).get(k))
+            detail = ", ".join(f"{k}: {stored.get(k)!r} in the run, {_plain(settings).get(k)!r} now" for k in changed[:6])
+            raise TrainingError(f"{out_dir} was trained with other settings ({detail}); resume with the run's options")
         task.model.load_state_dict(state["model"])
         task.optimizer.load_state_dict(state["optimizer"])
         if task.scheduler is not None and state.get("scheduler") is not None:
@@ -239,6 +252,7 @@ def fit(
                 "best": best,
                 "best_epoch": best_epoch,
                 "since_best": since_best,
+                "settings": _plain(settings) if settings is not None else None,
             },
             ckpt_path,
         )

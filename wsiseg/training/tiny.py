@@ -305,4 +305,14 @@ def train_tiny(
         epochs=recipe.epochs, steps_per_epoch=recipe.steps_per_epoch, seed=recipe.seed,
         validate_every=recipe.validate_every if val else 0, monitor="pq", patience=None, keep="last",
     )
-    return fit(task, out_dir, loop, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs)
+    return fit(task, out_dir, loop, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs,
+               settings=_run_settings(recipe))
+
+
+def _run_settings(recipe: TinyRecipe) -> dict[str, Any]:
+    """What must not change when a run is resumed: the training recipe (inference settings and
+    the model card only shape the exported bundle, so they may)."""
+    inference = {"threshold", "prompt_source", "core_threshold", "min_distance_px", "foreground_threshold",
+                 "max_nucleus_diameter_px", "nms_radius_px", "k_negatives", "context_px", "inference_precision",
+                 "tile_px", "card", "name", "version", "validate_every", "data"}
+    return {k: v for k, v in asdict(recipe).items() if k not in inference}

@@ -43,8 +43,8 @@ class PeakSettings:
     core_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
-            raise ValueError(f"thresholds must be in (0, 1), got {self.threshold}, {self.foreground_threshold}")
+        if not 0 <= self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
+            raise ValueError(f"thresholds must be in [0, 1), got {self.threshold}, {self.foreground_threshold}")
         if self.min_distance_px < 1:
             raise ValueError(f"min_distance_px must be >= 1, got {self.min_distance_px}")
         if not 0 < self.core_threshold < 1:
