@@ -78,6 +78,10 @@ def test_learned_default_finds_the_same_nuclei_whatever_the_tile_size(
         assert distance.max() < 1.0  # the same nuclei; masks may differ by a pixel at tile seams
 
 
-def test_min_score_trades_recall_for_precision(synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path) -> None:
-    strict = run_slide(synthetic[0], tmp_path, RunConfig(min_score=0.95, scheduler=SYNC))
+def test_min_score_drops_the_prompts_scoring_below_it(synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path) -> None:
+    scores = np.asarray(open_nuclei(default_run.zarr).table().measurements["score"])
+    threshold = float(np.median(scores))
+    strict = run_slide(synthetic[0], tmp_path, RunConfig(min_score=threshold, scheduler=SYNC))
+    kept = np.asarray(open_nuclei(strict.zarr).table().measurements["score"])
     assert 0 < strict.n_nuclei < default_run.n_nuclei
+    assert kept.min() >= threshold - 1e-6
