@@ -236,7 +236,7 @@ def test_dsb_masks_become_instances_and_rgba_becomes_rgb(tmp_path: Path) -> None
 
 def test_dsb_without_mpp_or_masks_is_an_error(tmp_path: Path) -> None:
     write_dsb_sample(tmp_path, "abc", np.zeros((4, 4, 3), np.uint8), [np.ones((4, 4), bool)])
-    with pytest.raises(DatasetError, match="no resolution; pass mpp="):
+    with pytest.raises(DatasetError, match="no resolution; pass --mpp"):
         open_dataset(tmp_path)
     write_dsb_sample(tmp_path, "nomasks", np.zeros((4, 4, 3), np.uint8), [])
     with pytest.raises(DatasetError, match=r"nomasks\.png: no labels"):
