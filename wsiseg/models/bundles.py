@@ -518,7 +518,7 @@ def write_bundle(
         final = out / comp["weights"]["file"]
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "role": role})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: the header is byte-reproducible
         os.replace(tmp, final)
         comp["weights"]["sha256"] = sha256_of_file(final)
         written[comp["weights"]["file"]] = (role, comp["weights"]["sha256"])

@@ -40,7 +40,7 @@ HOME_ENV = "WSISEG_HOME"
 #: built-in model name -> description ("classical" resolves to itself, the others to BUILTIN_BUNDLES).
 BUILTIN_MODELS: dict[str, str] = {
     "wsiseg-tiny": "the default: a compact learned model trained on real H&E (MoNuSeg 2018, CC BY-NC-SA 4.0); "
-    "centre-peak prompter + watershed segmentor over one UNet (CPU, shipped inside the package)",
+    "distance-core prompter + seeded-watershed segmentor over one UNet (CPU, shipped inside the package)",
     "classical": "weight-free classical model: haematoxylin blob detection + seeded watershed "
     "per point (CPU, nothing to download)",
 }

@@ -57,7 +57,7 @@ class TinyRecipe:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    precision: str = "bf16"
+    precision: str = "fp32"
     threads: int = 0
     centre_sigma_px: float = 2.5
     centre_weight: float = 1.0
@@ -221,7 +221,8 @@ class TinyTask:
         return {
             "name": r.name,
             "version": r.version,
-            "description": "wsiseg-tiny: UNet foreground/centre/distance maps; centre-peak prompter, "
+            "description": "one UNet's foreground, centre and distance maps at "
+            f"{r.mpp} µm/px; {'distance-core' if r.prompt_source == 'distance' else 'centre-peak'} prompter, "
             "seeded-watershed segmentor",
             "mpp": r.mpp,
             "input_size": None,
