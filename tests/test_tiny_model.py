@@ -217,3 +217,20 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path) -> None:
     changed = _recipe(tmp_path, lr=0.01)
     with pytest.raises(TrainingError, match="lr: 0.002 in the run, 0.01 now"):
         train_tiny(changed, tmp_path / "run", resume=True, progress=False)
+
+
+def test_overlap_is_checked_against_the_tile_size_the_model_uses() -> None:
+    from wsiseg.models.classical import ClassicalSegmentor
+    from wsiseg.pipeline import RunConfig, _tile_size
+
+    config = RunConfig(overlap_px=300)  # fine for a model whose tiles are 512 px
+    assert _tile_size(config, _Preferring512()) == 512
+    with pytest.raises(ValueError, match=r"--overlap \(300\) must be below the tile size \(256 px\)"):
+        _tile_size(config, ClassicalSegmentor())
+    with pytest.raises(ValueError, match="--overlap"):
+        RunConfig(tile_size_px=256, overlap_px=300)
+
+
+class _Preferring512:
+    input_size_px = None
+    preferred_tile_px = 512

@@ -70,7 +70,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.tile_size_px is not None and self.tile_size_px < 64:
             raise ValueError(f"--tile-size must be >= 64, got {self.tile_size_px}")
-        if not (0 <= self.overlap_px < (self.tile_size_px or DEFAULT_TILE_PX) and self.overlap_px % 2 == 0):
+        # without --tile-size the tile is the model's: `_tile_size` checks the overlap against it
+        below_tile = self.tile_size_px is None or self.overlap_px < self.tile_size_px
+        if not (0 <= self.overlap_px and below_tile and self.overlap_px % 2 == 0):
             raise ValueError(
                 f"--overlap must be an even number of px, >= 0 and below --tile-size ({self.tile_size_px}); "
                 f"got {self.overlap_px}"
@@ -129,7 +131,10 @@ def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
     from wsiseg.models.cache import resolve_model
 
     target = resolve_model(config.prompter or config.model)
-    arch = None if target == "classical" else open_bundle(target).component("prompter").architecture
+    arch = None
+    if target != "classical":
+        bundle = open_bundle(target)
+        arch = bundle.component("prompter").architecture if bundle.has("prompter") or options else None
     if options and arch != "unet_prompter":
         raise ValueError(
             "--prompt-selection and --points-per-tile apply to probability (UNet) prompters; "
@@ -278,7 +283,8 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     timings["open"] = time.perf_counter() - t_start
 
     # -- tissue, prompter and the global prompt set (or their checkpoint)
-    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, _decisive(replace(config, tile_size_px=tile_px), model_spec)))
+    decisive = _decisive(replace(config, tile_size_px=tile_px), model_spec)  # the tile size used, not None
+    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, decisive))
     saved = checkpoint.load_prompts()
     if saved is not None:
         points, counts = saved

@@ -81,9 +81,7 @@ class DenseMapNet:
         """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance)."""
         import torch
 
-        tiles = np.asarray(tiles)
-        if tiles.ndim != 4 or tiles.shape[-1] != 3:
-            raise ValueError(f"tiles must be (B, H, W, 3) uint8, got {tiles.shape}")
+        tiles = tile_batches(tiles)
         b, height, width = tiles.shape[:3]
         out = np.zeros((b, N_MAPS, height, width), np.float32)
         use_bf16 = self.settings.precision == "bf16"

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet
-from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, DenseMapNet, MapSettings, tile_batches
+from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, DenseMapNet, MapSettings
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import Bundle
@@ -114,7 +114,7 @@ class TinyPrompter:
 
     def predict_points(self, tiles: np.ndarray) -> list[PointSet]:
         """tiles: (B, H, W, 3) uint8 -> one PointSet per tile (tile px, pixel-edge frame)."""
-        maps = self.net.predict_maps(tile_batches(tiles))
+        maps = self.net.predict_maps(tiles)
         return [peak_points(m, self.peaks) for m in maps]
 
     @classmethod
