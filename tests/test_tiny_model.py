@@ -234,3 +234,14 @@ def test_overlap_is_checked_against_the_tile_size_the_model_uses() -> None:
 class _Preferring512:
     input_size_px = None
     preferred_tile_px = 512
+
+
+def test_validation_runs_held_out_images_through_eval_and_keeps_their_table(tmp_path: Path) -> None:
+    from wsiseg.training.tiny import train_tiny
+
+    recipe = _recipe(tmp_path, epochs=1, steps_per_epoch=1, validate_every=1, val_fraction=0.5)
+    result = train_tiny(recipe, tmp_path / "run", progress=False)
+    row = result.history[-1]
+    assert {"val_pq", "val_aji", "val_f1_detection"} <= set(row)
+    table = (tmp_path / "run" / "validation" / "epoch-001" / "eval.csv").read_text().splitlines()
+    assert len(table) == 3  # header, the one held-out image, the mean

@@ -22,10 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from wsiseg.datasets.item import DatasetError, NucleusItem
+from wsiseg.datasets.item import NucleusItem
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
 from wsiseg.training.targets import dense_targets
@@ -255,17 +254,10 @@ class TinyTask:
         return Path(bundle.path)
 
     def validate(self, epoch: int, work_dir: Path) -> dict[str, float]:
-        from wsiseg.evaluation import evaluate
+        from wsiseg.training.validation import validate_bundle
 
-        if not self.val:
-            return {}
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        bundle = self.write_bundle(work_dir / "validation" / "bundle", state)
-        out = work_dir / "validation" / f"epoch-{epoch + 1:03d}"
-        report = evaluate(bundle, self.val, out_dir=out, overlays=False)
-        report.write(out)  # per-image eval.csv / eval.json
-        keys = ("pq", "dq", "sq", "aji", "dice", "f1_detection", "precision", "recall")
-        return {k: round(float(report.mean[k]), 4) for k in keys if k in report.mean}
+        return validate_bundle(lambda folder: self.write_bundle(folder, state), self.val, work_dir, epoch, None)
 
     def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
         r = self.recipe

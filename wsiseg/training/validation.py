@@ -48,26 +48,31 @@ def validate_bundle(
     items: list[NucleusItem],
     work_dir: Path,
     epoch: int,
-    run: ValidationRun,
+    run: ValidationRun | None,
 ) -> dict[str, float]:
     """Write the current model with `write_bundle(folder) -> bundle path`, evaluate it on
-    `items`, and return the METRICS means (rounded to 4 decimals; NaN where undefined)."""
+    `items` (with `run`'s companion, or alone at its own tile size when `run` is None: a
+    bundle with both components), write the per-image `eval.csv` / `eval.json` to
+    `work_dir/validation/epoch-NNN/`, and return the METRICS means (rounded to 4 decimals;
+    NaN where undefined)."""
     from wsiseg.evaluation import evaluate
     from wsiseg.pipeline import RunConfig
 
     if not items:
         return {}
     bundle = write_bundle(work_dir / "validation" / "bundle")
-    if run.role == "segmentor":
-        model, prompter = str(bundle), run.companion
-    else:
-        model, prompter = run.companion, str(bundle)
-    config = RunConfig(
-        model=model, prompter=prompter, tissue_detection=False, tile_size_px=run.tile_size_px,
-        overlap_px=run.overlap_px, device=run.device,
-    )
-    report = evaluate(model, items, out_dir=work_dir / "validation" / f"epoch-{epoch + 1:03d}", config=config,
-                      overlays=False)
+    config = None
+    model = str(bundle)
+    if run is not None:
+        if run.role == "prompter":
+            model = run.companion
+        config = RunConfig(
+            model=model, prompter=run.companion if run.role == "segmentor" else str(bundle), tissue_detection=False,
+            tile_size_px=run.tile_size_px, overlap_px=run.overlap_px, device=run.device,
+        )
+    out = work_dir / "validation" / f"epoch-{epoch + 1:03d}"
+    report = evaluate(model, items, out_dir=out, config=config, overlays=False)
+    report.write(out)
     return {k: round(float(report.mean[k]), 4) for k in METRICS if k in report.mean}
 
 

@@ -9,7 +9,7 @@ by a seeded watershed of the distance map inside the foreground, one seed per pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsiseg._lazy import lazy_attributes
 

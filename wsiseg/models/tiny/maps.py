@@ -25,7 +25,6 @@ from wsiseg.models.prompters.point import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from wsiseg.models.bundles import Bundle
