@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from wsiseg.geojson_features import geojson_features
+
 __all__ = [
     "InstanceFileError",
     "instance_file_kind",
@@ -141,14 +143,11 @@ def read_geojson_polygons(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.
     geoms: list[Any] = []
     label_ids: list[Any] = []
     for doc in _read_collections(path):
-        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-            features, frame = doc.get("features") or [], doc.get("coordinate_frame") or {}
-        elif isinstance(doc, dict) and doc.get("type") == "Feature":
-            features, frame = [doc], {}
-        elif isinstance(doc, list):
-            features, frame = doc, {}
-        else:
+        features = geojson_features(doc)
+        if features is None:
             raise InstanceFileError(f"{path}: not a GeoJSON FeatureCollection or Feature list")
+        is_collection = isinstance(doc, dict) and doc.get("type") == "FeatureCollection"
+        frame = (doc.get("coordinate_frame") or {}) if is_collection else {}
         offset = np.asarray(frame.get("offset_l0") or (0.0, 0.0), np.float64)
         shapes = []
         for feature in features:
