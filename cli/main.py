@@ -163,14 +163,22 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
     except ValueError as exc:
         _fail(str(exc), None)
         return 2
-    from wsiseg.cohort import Ledger
+    from wsiseg.cohort import Ledger, output_names, slide_stem
     from wsiseg.pipeline import completed_outputs
 
+    try:
+        names = output_names(slides, out_dir)
+    except ValueError as exc:
+        _fail(str(exc), None)
+        return 2
     failed = 0
     ledger = Ledger(out_dir, slides)
     with Runner(config.scheduler) as runner:
         for slide in slides:
-            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, config)
+            name = names[slide]
+            if name != slide_stem(slide) and not kw["quiet"]:
+                click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
+            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, config, name)
             if done is not None:
                 ledger.mark(slide, "skipped", report=str(done))
                 if not kw["quiet"]:
@@ -179,7 +187,7 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
             progress = Progress(slide.name, not kw["quiet"])
             ledger.mark(slide, "running")
             try:
-                result = run_slide(slide, out_dir, config, runner=runner, progress=progress)
+                result = run_slide(slide, out_dir, config, runner=runner, progress=progress, output_name=name)
             except Exception as exc:  # one bad slide never stops the others
                 failed += 1
                 log.debug("%s failed", slide, exc_info=True)

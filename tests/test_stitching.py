@@ -109,3 +109,55 @@ def test_holes_are_filled_unless_another_nucleus_won_them() -> None:
         )
         assert len(table) == 1
         assert table.polygons()[0].area == _disk(shape, 20, 20, 12).sum()
+
+
+def _stitch_all(shape: tuple[int, int], masks: list[np.ndarray], iou: list[float], n_owned: int, **kw) -> object:
+    n = len(masks)
+    return stitch_tile(
+        tile_origin_px=(0, 0), tile_shape=shape,
+        masks=TileMasks.from_dense(np.stack(masks), np.array(iou, np.float32)),
+        n_owned=n_owned, prompt_ids=np.arange(n), prompt_score=np.ones(n, np.float32),
+        prompt_class=np.zeros(n), hematoxylin_od=np.zeros(shape, np.float32),
+        transform=kw.get("transform", FrameTransform(1.0, 1.0)),
+    )
+
+
+def test_a_nucleus_inside_another_merges_into_it_and_polygons_never_overlap() -> None:
+    shape = (40, 40)
+    outer = _disk(shape, 20, 20, 12)
+    nucleolus = _disk(shape, 21, 19, 3)  # its own prompt, higher predicted IoU: it wins its pixels
+    table = _stitch_all(shape, [outer, nucleolus], [0.5, 0.9], n_owned=2)
+    assert len(table) == 1
+    assert table.polygons()[0].area == outer.sum()
+    # the tile that owns only the nucleolus (the outer nucleus is its context) emits nothing
+    alone = _stitch_all(shape, [nucleolus, outer], [0.9, 0.5], n_owned=1)
+    assert len(alone) == 0
+
+
+def test_a_nucleus_in_a_hole_beside_background_still_merges() -> None:
+    shape = (40, 40)
+    ring = _disk(shape, 20, 20, 12) & ~_disk(shape, 20, 20, 6)
+    inner = _disk(shape, 20, 20, 2)  # background between it and the ring
+    table = _stitch_all(shape, [ring, inner], [0.5, 0.9], n_owned=2)
+    assert len(table) == 1 and table.polygons()[0].area == _disk(shape, 20, 20, 12).sum()
+
+
+def test_touching_nuclei_side_by_side_stay_two() -> None:
+    shape = (40, 60)
+    a, b = _disk(shape, 20, 18, 9), _disk(shape, 20, 36, 9)
+    table = _stitch_all(shape, [a, b], [0.9, 0.8], n_owned=2)
+    assert len(table) == 2
+    polys = table.polygons()
+    assert polys[0].intersection(polys[1]).area == 0
+
+
+def test_level0_polygons_are_clipped_to_the_slide() -> None:
+    # working pixels of 2 level-0 px on a 61 px wide, 41 px high slide: the last column and row
+    # of working pixels reach past it (x = 62, y = 42 before clipping)
+    shape = (21, 31)
+    m = _disk(shape, 28, 15, 6)
+    table = _stitch_all(shape, [m], [0.9], n_owned=1, transform=FrameTransform(2.0, 0.5, clip_l0=(0, 0, 61, 41)))
+    poly = table.polygons()[0]
+    assert poly.bounds[2] == 61 and poly.bounds[3] == 41
+    assert poly.is_valid and poly.geom_type == "Polygon"
+    np.testing.assert_allclose(table.measurements["area_um2"], poly.area * 0.25 * 0.25)

@@ -3,15 +3,26 @@
 `OUT/wsiseg-ledger.json` is rewritten atomically after every slide, so an overnight run
 that is killed still says how far it got; rerunning the same command skips the slides whose
 outputs are complete and resumes a half-done slide from its checkpoint.
+
+Output names (`output_names`): a slide's outputs are named after its file name without the
+extension (`a/slide.svs` -> `slide.geojson.gz`, `slide.zarr`, ...).  Names never collide:
+slides of one run that share a stem are all named with their extension as well
+(`slide.svs`, `slide.tiff` -> `slide_svs`, `slide_tiff`), then with their folders relative to
+the slides' common folder (`a/slide.svs`, `b/slide.svs` -> `a_slide_svs`, `b_slide_svs`); and a
+name whose outputs in the output folder belong to another source file (its report records the
+source's path) is not reused: the next of those forms is taken.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 LEDGER_NAME = "wsiseg-ledger.json"
 STATES = ("pending", "running", "done", "skipped", "failed")
@@ -51,3 +62,67 @@ class Ledger:
         tmp = self.path.with_suffix(".json.partial")
         tmp.write_text(json.dumps({"slides": self.entries, "counts": self.counts()}, indent=1))
         os.replace(tmp, self.path)
+
+
+def slide_stem(path: Path) -> str:
+    """A slide's file name without its extension (`.ome.tiff` counts as one extension)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def output_names(slides: Sequence[Path], out_dir: Path) -> dict[Path, str]:
+    """One output name per slide, unique within the run and against other sources' outputs
+    already in out_dir (the rules are in the module docstring).
+
+    Raises ValueError when no unique name exists for a slide (two paths to one file).
+    """
+    slides = [Path(s) for s in slides]
+    resolved = [s.resolve() for s in slides]
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved])) if resolved else Path()
+    forms = [_name_forms(s, r, common) for s, r in zip(slides, resolved)]
+    per_form = [Counter(f[k].lower() for f in forms) for k in range(len(forms[0]))] if forms else []
+    taken: set[str] = set()
+    names: dict[Path, str] = {}
+    for slide, source, options in zip(slides, resolved, forms):
+        # the first form that no other slide of the run shares
+        start = next((k for k, counts in enumerate(per_form) if counts[options[k].lower()] == 1), len(options) - 1)
+        for name in options[start:]:
+            if name.lower() in taken or _outputs_of_other_source(out_dir, name, source):
+                continue
+            taken.add(name.lower())
+            names[slide] = name
+            break
+        else:
+            raise ValueError(
+                f"{slide}: no free output name in {out_dir} (tried {', '.join(options[start:])}); "
+                "give each slide once, or use another -o folder"
+            )
+    return names
+
+
+def _name_forms(slide: Path, source: Path, common: Path) -> list[str]:
+    stem = slide_stem(slide)
+    ext = re.sub(r"[^A-Za-z0-9]+", "_", slide.name[len(stem):]).strip("_") or "noext"
+    try:
+        folders = source.parent.relative_to(common).parts
+    except ValueError:
+        folders = source.parent.parts[1:]
+    with_folders = "_".join([*folders, stem, ext])
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    return [stem, f"{stem}_{ext}", with_folders, f"{with_folders}_{digest}"]
+
+
+def _outputs_of_other_source(out_dir: Path, name: str, source: Path) -> bool:
+    """True when out_dir/NAME.report.json records a source file other than `source`."""
+    report = out_dir / f"{name}.report.json"
+    if not report.is_file():
+        return False
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = (data.get("source") or {}).get("path") or data.get("slide")
+    return recorded is not None and Path(recorded) != source

@@ -24,8 +24,9 @@ import numpy as np
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
 from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key
+from wsiseg.cohort import slide_stem
 from wsiseg.nuclei import NucleusTable
-from wsiseg.provenance import build_provenance, build_report
+from wsiseg.provenance import build_provenance, build_report, model_sha256
 from wsiseg.workers import WORKER_CACHE, ModelSpec, SlideSpec
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
@@ -199,7 +200,7 @@ def _stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec)
 
     t0 = time.perf_counter()
     slide = slide_spec.open()
-    transform = FrameTransform(scale=slide.scale, mpp=slide.mpp)
+    transform = FrameTransform(scale=slide.scale, mpp=slide.mpp, clip_l0=_clip_box(slide.reader.properties))
     min_area = max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp)))
     tables = [
         stitch_tile(
@@ -218,6 +219,15 @@ def _stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec)
         for job, image, tile_masks in zip(batch["items"], batch["images"], batch["masks"])
     ]
     return NucleusTable.concat(tables), {**batch["times"], "post": time.perf_counter() - t0}
+
+
+def _clip_box(props: Any) -> tuple[float, float, float, float]:
+    """The level-0 box nuclei must lie in: the slide, cut to its bounds box when it has one."""
+    w, h = props.size_l0
+    if props.bounds_l0 is None:
+        return (0.0, 0.0, float(w), float(h))
+    bx, by, bw, bh = props.bounds_l0
+    return (float(max(bx, 0)), float(max(by, 0)), float(min(bx + bw, w)), float(min(by + bh, h)))
 
 
 PROMPTER_STAGES = (Stage(_read_tiles), Stage(_predict_points, model=True))
@@ -245,18 +255,26 @@ def run_slide(
     *,
     runner: Runner | None = None,
     progress: ProgressFn | None = None,
+    output_name: str | None = None,
 ) -> SlideResult:
-    """Segment every nucleus of one slide and write `<stem>.geojson.gz`, `.zarr`, `.report.json`."""
+    """Segment every nucleus of one slide and write `NAME.geojson.gz`, `.zarr`, `.report.json`.
+
+    NAME is `output_name`, by default the slide's file name without its extension (a cohort
+    takes unique names from `wsiseg.cohort.output_names`).
+    """
     slide_path = Path(slide_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = output_name or slide_stem(slide_path)
     with ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(Runner(config.scheduler))
-        return _run(slide_path, out_dir, config, runner, progress or (lambda *a: None))
+        return _run(slide_path, out_dir, config, runner, progress or (lambda *a: None), name)
 
 
-def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, progress: ProgressFn) -> SlideResult:
+def _run(
+    slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, progress: ProgressFn, name: str
+) -> SlideResult:
     from wsiseg.readers import open_slide, require_mpp
     from wsiseg.readers.scaled import ScaledSlide
 
@@ -284,7 +302,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
 
     # -- tissue, prompter and the global prompt set (or their checkpoint)
     decisive = _decisive(replace(config, tile_size_px=tile_px), model_spec)  # the tile size used, not None
-    checkpoint = SlideCheckpoint(out_dir, _stem(slide_path), checkpoint_key(slide_path, decisive))
+    checkpoint = SlideCheckpoint(out_dir, name, checkpoint_key(slide_path, decisive))
     saved = checkpoint.load_prompts()
     if saved is not None:
         points, counts = saved
@@ -305,7 +323,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
     jobs = iter_segmentor_jobs(
         points, splan, k_negatives=segmentor.k_negatives, context_px=segmentor.max_nucleus_diameter_px
     )
-    geojson_path, zarr_path, report_path, html_path = output_paths(slide_path, out_dir, config)
+    geojson_path, zarr_path, report_path, html_path = output_paths(name, out_dir, config)
     provenance = build_provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
     writers = _open_writers(geojson_path, zarr_path, config, props, classes, provenance, slide_mpp)
     n_nuclei = n_edge = 0
@@ -332,6 +350,7 @@ def _run(slide_path: Path, out_dir: Path, config: RunConfig, runner: Runner, pro
         report = build_report(
             slide_path, props, config, segmentor, prompter, scaled.scale, work, time.perf_counter() - t_start, counts
         )
+        report["identity"] = run_identity(slide_path, config)
         geojson_writer, zarr_writer = writers
         geojson_writer.close()
         zarr_writer.close(extra_attributes={"report": report})
@@ -421,29 +440,46 @@ def _segmentor_results(
 
 
 def _decisive(config: RunConfig, model_spec: ModelSpec) -> dict[str, Any]:
-    """What decides a run's nuclei (for checkpoint keys): parameters minus output-only options."""
+    """What decides a run's nuclei (for checkpoint keys): parameters minus output-only options,
+    the models by name and by sha256 (new weights under an old name never resume old work)."""
     params = config.parameters()
     for output_only in ("geojson_format", "write_labels", "device"):
         params.pop(output_only, None)
-    return {"parameters": params, "models": [model_spec.model, model_spec.prompter], "version": __version__}
+    models = [model_spec.model, model_spec.prompter]
+    return {"parameters": params, "models": models, "model_sha256": [model_sha256(m) for m in models],
+            "version": __version__}
+
+
+def run_identity(slide_path: Path, config: RunConfig) -> str:
+    """sha256 of what makes two runs' outputs the same: the source file (resolved path, size,
+    mtime), every parameter, the models' sha256 and wsiseg's version.  Recorded in the report;
+    a rerun skips a slide only when it matches."""
+    import hashlib
+    import json
+
+    st = slide_path.stat()
+    blob = {"source": [str(slide_path.resolve()), st.st_size, st.st_mtime_ns], "parameters": config.parameters(),
+            "models": [config.model, config.prompter, model_sha256(config.model), model_sha256(config.prompter)],
+            "version": __version__}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def output_paths(slide_path: Path, out_dir: Path, config: RunConfig) -> tuple[Path, Path, Path, Path]:
-    """(GeoJSON, Zarr, report JSON, report HTML) paths a run of this slide writes."""
-    stem = _stem(slide_path)
+def output_paths(name: str, out_dir: Path, config: RunConfig) -> tuple[Path, Path, Path, Path]:
+    """(GeoJSON, Zarr, report JSON, report HTML) paths of output name `name` in out_dir."""
     suffix = {"gz": ".geojson.gz", "geojson": ".geojson", "zip": ".geojson.zip"}[config.geojson_format]
-    return (out_dir / f"{stem}{suffix}", out_dir / f"{stem}.zarr", out_dir / f"{stem}.report.json",
-            out_dir / f"{stem}.report.html")
+    return (out_dir / f"{name}{suffix}", out_dir / f"{name}.zarr", out_dir / f"{name}.report.json",
+            out_dir / f"{name}.report.html")
 
 
-def completed_outputs(slide_path: Path, out_dir: Path, config: RunConfig) -> Path | None:
-    """The report of an earlier complete run of this slide into out_dir (same parameters), or None."""
+def completed_outputs(slide_path: Path, out_dir: Path, config: RunConfig, name: str | None = None) -> Path | None:
+    """The report of an earlier complete run of this very slide file into out_dir with the same
+    parameters, models (by sha256) and wsiseg version (`run_identity`), or None."""
     import json
 
-    geojson, zarr_path, report, _ = output_paths(slide_path, out_dir, config)
+    geojson, zarr_path, report, _ = output_paths(name or slide_stem(slide_path), out_dir, config)
     if not (geojson.exists() and report.exists() and zarr_path.exists()):
         return None
     try:
@@ -453,15 +489,7 @@ def completed_outputs(slide_path: Path, out_dir: Path, config: RunConfig) -> Pat
         previous = json.loads(report.read_text())
     except Exception:
         return None
-    return report if previous.get("parameters") == config.parameters() else None
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return report if previous.get("identity") == run_identity(slide_path, config) else None
 
 
 def _add(acc: dict[str, float], more: dict[str, float]) -> None:

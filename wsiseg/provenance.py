@@ -80,8 +80,10 @@ def build_report(
 ) -> dict[str, Any]:
     """The per-slide report: counts, task times, the model's share of wall time, parameters."""
     workers = counts["workers"]
+    st = slide_path.stat()
     return {
         "slide": str(slide_path),
+        "source": {"path": str(slide_path.resolve()), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
         "wsiseg_version": __version__,
         "reader": props.reader,
         "vendor": props.vendor,

@@ -3,8 +3,10 @@
 The owner rule: where masks claim the same pixel, the higher predicted IoU wins (ties go to
 the lower global prompt index, i.e. the higher prompter score).  Context prompts (owned by a
 neighbouring tile) take part in that contest but are not emitted here; their owner emits them.
+A mask lying in a hole of another mask (a nucleolus seeded as a nucleus of its own) is merged
+into the mask around it, so no polygon ever lies inside another.
 Polygons trace pixel edges (pixel (i, j) covers [j, j+1) x [i, i+1)), so a polygon's area
-equals its pixel count.
+equals its pixel count; level-0 polygons are clipped to the slide (and its bounds box).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import shapely
+from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import TileMasks
 from wsiseg.nuclei import NucleusTable
@@ -23,10 +26,13 @@ _EMPTY_RING = np.zeros((0, 2), np.int64)
 
 @dataclass(frozen=True)
 class FrameTransform:
-    """Working frame -> level-0: l0 = (tile_origin + px) * scale; mpp of a working pixel."""
+    """Working frame -> level-0: l0 = (tile_origin + px) * scale; mpp of a working pixel;
+    clip_l0: (x0, y0, x1, y1) level-0 box polygons are clipped to (the slide, or its bounds
+    box), None for no clipping."""
 
     scale: float
     mpp: float
+    clip_l0: tuple[float, float, float, float] | None = None
 
 
 def trace_outline(mask: np.ndarray) -> np.ndarray:
@@ -67,6 +73,28 @@ def resolve_overlaps(
     return canvas
 
 
+def absorb_enclosed(canvas: np.ndarray) -> None:
+    """Merge every mask lying in a hole of another mask into that mask, in place.
+
+    canvas: (h, w) int32 label canvas (0 background).  A hole of mask j is a set of pixels
+    not in j that no 4-connected path of non-j pixels joins to the outside of j's bounding box
+    (the dual of the 8-connected outline `trace_outline` follows, which fills holes).  Labelled
+    pixels in such a hole take label j; background pixels stay 0 (the outline covers them).
+    """
+    slices = ndi.find_objects(canvas)
+    for j, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        crop = canvas[sl]
+        not_j = np.ones((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
+        not_j[1:-1, 1:-1] = crop != j
+        n, lab = cv2.connectedComponents(not_j, connectivity=4)
+        if n <= 2:  # background plus the single outside component: no hole
+            continue
+        hole = (lab[1:-1, 1:-1] != lab[0, 0]) & (crop > 0) & (crop != j)
+        crop[hole] = j
+
+
 def stitch_tile(
     *,
     tile_origin_px: tuple[int, int],
@@ -100,6 +128,7 @@ def stitch_tile(
     canvas = resolve_overlaps(tile_shape, masks, priority)
     if image_size_px is not None:
         _clear_outside(canvas, tile_origin_px, image_size_px)
+    absorb_enclosed(canvas)
     h, w = tile_shape
     ox, oy = tile_origin_px
     rings: list[np.ndarray] = []
@@ -131,6 +160,16 @@ def stitch_tile(
     idx = np.asarray(rows)
     s = transform.scale
     polys_w, polys_l0 = _polygons(rings, (1.0, s))
+    if transform.clip_l0 is not None:
+        box = np.asarray(transform.clip_l0, np.float64)
+        polys_w, polys_l0 = _clip(polys_w, box / s), _clip(polys_l0, box)
+        keep = ~shapely.is_empty(polys_l0)
+        if not keep.all():
+            polys_w, polys_l0, idx, mom = polys_w[keep], polys_l0[keep], idx[keep], np.asarray(moments)[keep]
+            touches = list(np.asarray(touches)[keep])
+            moments = [tuple(m) for m in mom]
+            if not len(idx):
+                return NucleusTable.empty()
     mom = np.asarray(moments, np.float64)
     area_w = shapely.area(polys_w)
     hull_area = shapely.area(shapely.convex_hull(polys_w))
@@ -157,6 +196,23 @@ def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tupl
     canvas[: max(0, -oy)] = 0
     canvas[:, max(0, w - ox) :] = 0
     canvas[max(0, h - oy) :] = 0
+
+
+def _clip(polys: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Polygons clipped to box (x0, y0, x1, y1); only those crossing it are touched.  A polygon
+    the box cuts in two keeps its largest part; one wholly outside becomes empty."""
+    b = shapely.bounds(polys)
+    out = (b[:, 0] < box[0]) | (b[:, 1] < box[1]) | (b[:, 2] > box[2]) | (b[:, 3] > box[3])
+    if not out.any():
+        return polys
+    polys = polys.copy()
+    clipped = shapely.clip_by_rect(polys[out], *box)
+    for k, geom in zip(np.flatnonzero(out), clipped):
+        if geom.geom_type == "MultiPolygon" or geom.geom_type == "GeometryCollection":
+            parts = [g for g in geom.geoms if g.geom_type == "Polygon"]
+            geom = max(parts, key=lambda g: g.area) if parts else shapely.Polygon()
+        polys[k] = geom if geom.area > 0 else shapely.Polygon()
+    return polys
 
 
 def _polygons(rings: list[np.ndarray], scales: tuple[float, ...]) -> list[np.ndarray]:
