@@ -85,3 +85,42 @@ def test_min_score_drops_the_prompts_scoring_below_it(synthetic: tuple[Path, Any
     kept = np.asarray(open_nuclei(strict.zarr).table().measurements["score"])
     assert 0 < strict.n_nuclei < default_run.n_nuclei
     assert kept.min() >= threshold - 1e-6
+
+
+def test_one_network_pass_gives_the_nuclei_of_two_passes(
+    synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segmentor reads the prompter's stored maps (wsiseg.map_store) instead of running the
+    network again; the nuclei are those of two separate passes."""
+    import wsiseg.pipeline as pipeline
+    from wsiseg.models.tiny.maps import DenseMapNet
+
+    pixels = {"n": 0}
+    original = DenseMapNet.predict_maps
+
+    def counted(self: DenseMapNet, tiles: np.ndarray) -> np.ndarray:
+        pixels["n"] += int(np.prod(tiles.shape[:3]))
+        return original(self, tiles)
+
+    monkeypatch.setattr(DenseMapNet, "predict_maps", counted)
+    one = run_slide(synthetic[0], tmp_path / "one", RunConfig(scheduler=SYNC))
+    one_pass = pixels["n"]
+    monkeypatch.setattr(pipeline, "shares_maps", lambda p, s: False)
+    pixels["n"] = 0
+    two = run_slide(synthetic[0], tmp_path / "two", RunConfig(scheduler=SYNC))
+    assert one_pass < 0.6 * pixels["n"]  # the prompter tiles only
+    a = open_nuclei(one.zarr).table().centroid_l0
+    b = open_nuclei(two.zarr).table().centroid_l0
+    assert abs(len(a) - len(b)) <= 0.01 * len(b)
+    distance, _ = cKDTree(b).query(a)
+    assert np.mean(distance < 1.0) > 0.97
+    assert not (tmp_path / "one" / ".wsiseg-work").exists() or not any((tmp_path / "one" / ".wsiseg-work").iterdir())
+
+
+def test_map_store_works_across_dask_worker_processes(synthetic: tuple[Path, Any], default_run: Any, tmp_path: Path) -> None:
+    result = run_slide(synthetic[0], tmp_path, RunConfig(scheduler=SchedulerConfig(scheduler=None, workers=2)))
+    a = open_nuclei(result.zarr).table().centroid_l0
+    b = open_nuclei(default_run.zarr).table().centroid_l0
+    assert len(a) == len(b)
+    distance, _ = cKDTree(b).query(a)
+    assert distance.max() < 1e-6

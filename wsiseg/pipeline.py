@@ -16,6 +16,7 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -23,11 +24,12 @@ import numpy as np
 
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
-from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key
+from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key, remove_partial_outputs
 from wsiseg.cohort import slide_stem
+from wsiseg.map_store import shares_maps
 from wsiseg.nuclei import NucleusTable
 from wsiseg.provenance import build_provenance, build_report, model_sha256
-from wsiseg.workers import WORKER_CACHE, ModelSpec, SlideSpec
+from wsiseg.workers import BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
 from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
@@ -66,6 +68,8 @@ class RunConfig:
     points_per_tile: int | None = None
     min_score: float | None = None
     batch_tiles: int = 8
+    #: a tile the file cannot decode: "fail" (one line naming it) or "skip" (background, listed in the report)
+    on_bad_tile: BadTilePolicy = "fail"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,8 @@ class RunConfig:
             raise ValueError(f"--mpp must be a resolution in µm per pixel (e.g. 0.25), got {self.mpp}")
         if self.batch_tiles < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_tiles}")
+        if self.on_bad_tile not in BAD_TILE_POLICIES:
+            raise ValueError(f"--on-bad-tile must be one of {', '.join(BAD_TILE_POLICIES)}, got {self.on_bad_tile!r}")
         if self.prompt_selection not in (None, "centroid", "probability"):
             raise ValueError(f"--prompt-selection must be centroid or probability, got {self.prompt_selection!r}")
         if self.points_per_tile is not None and self.points_per_tile < 1:
@@ -116,6 +122,19 @@ ProgressFn = Callable[[str, int, int, int], None]
 
 
 # --------------------------------------------------------------------------- models
+
+
+def load_run_models(config: RunConfig) -> tuple[ModelSpec, Prompter | None, Segmentor]:
+    """The run's models, loaded once per process (cached): call it before any slide so an unknown
+    --model, a --device without CUDA or an option the model does not take fails once, up front.
+    Raises ValueError (BundleError, ModelNotFoundError) with one line naming the option."""
+    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config))
+    prompter, segmentor = model_spec.load()
+    if prompter is None and config.prompts_file is None:
+        raise ValueError(
+            f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
+        )
+    return model_spec, prompter, segmentor
 
 
 def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
@@ -155,7 +174,12 @@ def _read_tiles(tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSp
     slide = slide_spec.open()
     specs = [getattr(t, "tile", t) for t in tiles]
     images = np.stack([read_mirrored(slide, s.x0, s.y0, s.size) for s in specs])
-    return {"items": list(tiles), "images": images, "times": {"read": time.perf_counter() - t0}}
+    times: dict[str, Any] = {"read": time.perf_counter() - t0}
+    take_bad = getattr(slide.reader, "take_bad_tiles", None)
+    bad = take_bad() if take_bad is not None else []
+    if bad:  # tiles read as background (--on-bad-tile skip) travel with the times to the report
+        times[BAD_TILES_KEY] = [b.as_dict() for b in bad]
+    return {"items": list(tiles), "images": images, "times": times}
 
 
 def read_mirrored(slide: Any, x0: int, y0: int, size: int) -> np.ndarray:
@@ -172,12 +196,21 @@ def read_mirrored(slide: Any, x0: int, y0: int, size: int) -> np.ndarray:
     return np.pad(inside, pad, mode="symmetric") if any(p for p in pad[0] + pad[1]) else np.ascontiguousarray(inside)
 
 
-def _predict_points(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[PointSet, dict]:
-    """Stage 2 of the prompter (model): points owned by each tile, in the working frame."""
+def _predict_points(
+    batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None
+) -> tuple[PointSet, dict]:
+    """Stage 2 of the prompter (model): points owned by each tile, in the working frame; with a
+    map store, each tile's core maps are stored for the segmentor (`wsiseg.map_store`)."""
     t0 = time.perf_counter()
     prompter, _ = model_spec.load()
     assert prompter is not None
-    found = prompter.predict_points(batch["images"])
+    if map_store is None:
+        found = prompter.predict_points(batch["images"])
+    else:
+        found, maps = prompter.predict_points_and_maps(batch["images"])
+        store = _open_map_store(map_store)
+        for t, m in zip(batch["items"], maps):
+            store.write_core(t, m)
     out = []
     for t, pts in zip(batch["items"], found):
         pts = PointSet(pts.xy + np.array([t.x0, t.y0], np.float32), pts.score, pts.class_id)
@@ -185,11 +218,20 @@ def _predict_points(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: Mo
     return PointSet.concat(out), {**batch["times"], "model": time.perf_counter() - t0}
 
 
-def _segment(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> dict[str, Any]:
-    """Stage 2 of the segmentor (model): one mask per prompt of every tile."""
+def _segment(
+    batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None
+) -> dict[str, Any]:
+    """Stage 2 of the segmentor (model): one mask per prompt of every tile; with a map store,
+    from the prompter's stored maps instead of a second network pass."""
     t0 = time.perf_counter()
     _, segmentor = model_spec.load()
-    masks = segmentor.segment_tiles(batch["images"], [j.prompts for j in batch["items"]])
+    prompts = [j.prompts for j in batch["items"]]
+    if map_store is None:
+        masks = segmentor.segment_tiles(batch["images"], prompts)
+    else:
+        store = _open_map_store(map_store)
+        maps = np.stack([store.read(j.tile.x0, j.tile.y0, j.tile.size) for j in batch["items"]])
+        masks = segmentor.segment_maps(maps, prompts)
     return {**batch, "masks": masks, "times": {**batch["times"], "model": time.perf_counter() - t0}}
 
 
@@ -232,6 +274,28 @@ def _clip_box(props: Any) -> tuple[float, float, float, float]:
 
 PROMPTER_STAGES = (Stage(_read_tiles), Stage(_predict_points, model=True))
 SEGMENTOR_STAGES = (Stage(_read_tiles), Stage(_segment, model=True), Stage(_stitch))
+
+
+def _prompter_stages(map_store: Path | None) -> tuple[Stage, ...]:
+    if map_store is None:
+        return PROMPTER_STAGES
+    return (Stage(_read_tiles), Stage(partial(_predict_points, map_store=map_store), model=True))
+
+
+def _segmentor_stages(map_store: Path | None) -> tuple[Stage, ...]:
+    if map_store is None:
+        return SEGMENTOR_STAGES
+    return (Stage(_read_tiles), Stage(partial(_segment, map_store=map_store), model=True), Stage(_stitch))
+
+
+def _open_map_store(path: Path) -> Any:
+    """The worker's handle on a slide's map store (opened once per worker)."""
+    from wsiseg.map_store import MapStore
+
+    key = ("map_store", str(path))
+    if key not in WORKER_CACHE:
+        WORKER_CACHE[key] = MapStore.open(path)
+    return WORKER_CACHE[key]
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -281,21 +345,17 @@ def _run(
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
     work: dict[str, float] = {"read": 0.0, "model": 0.0, "post": 0.0}
     t_start = time.perf_counter()
+    started = time.time()  # partial outputs older than this are a killed run's
 
     # -- open
-    reader = open_slide(slide_path, mpp=config.mpp)
+    reader = GuardedReader(open_slide(slide_path, mpp=config.mpp), config.on_bad_tile)
     props = reader.properties
     slide_mpp = float(np.mean(require_mpp(props, slide_path)))
-    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config))
-    prompter, segmentor = model_spec.load()
+    model_spec, prompter, segmentor = load_run_models(config)
     classes = _classes(prompter)
-    if prompter is None and config.prompts_file is None:
-        raise ValueError(
-            f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
-        )
     tile_px = _tile_size(config, segmentor)
     scaled = ScaledSlide(reader, segmentor.mpp)
-    slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp)
+    slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp, config.on_bad_tile)
     WORKER_CACHE[("slide", slide_spec)] = scaled
     width, height = scaled.size_px
     timings["open"] = time.perf_counter() - t_start
@@ -304,16 +364,22 @@ def _run(
     decisive = _decisive(replace(config, tile_size_px=tile_px), model_spec)  # the tile size used, not None
     checkpoint = SlideCheckpoint(out_dir, name, checkpoint_key(slide_path, decisive))
     saved = checkpoint.load_prompts()
-    if saved is not None:
+    # one network pass when the segmentor reads the prompter's maps (wsiseg.map_store)
+    map_store: Path | None = None
+    if config.prompts_file is None and shares_maps(prompter, segmentor):
+        map_store = checkpoint.folder / "maps.zarr"
+    if saved is not None and (map_store is None or map_store.exists()):
         points, counts = saved
         log.info("%s: resuming from %s", slide_path.name, checkpoint.folder)
     else:
         points, counts = _global_prompts(
             config, reader, props, scaled, prompter, classes, slide_mpp, tile_px, slide_spec, model_spec,
-            runner, progress, timings, work,
+            runner, progress, timings, work, map_store,
         )
         checkpoint.save_prompts(points, counts)
     n_prompter_tiles, n_raw = counts["prompter_tiles"], counts["points_raw"]
+    n_found = counts.get("points_found", n_raw)
+    unreadable: list[dict[str, Any]] = list(counts.get(BAD_TILES_KEY, []))
 
     # -- segmentor + stitch, streamed into the writers
     t = time.perf_counter()
@@ -329,8 +395,9 @@ def _run(
     n_nuclei = n_edge = 0
     try:
         done = 0
-        for table, tm in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec):
+        for table, tm in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec, map_store):
             _add(work, tm)
+            unreadable.extend(tm.get(BAD_TILES_KEY, ()))
             tw = time.perf_counter()
             for w in writers:
                 w.write(table)
@@ -341,14 +408,16 @@ def _run(
             progress("segmentor", done, n_jobs, n_nuclei)
         timings["segmentor"] = time.perf_counter() - t - timings["write"]
         tw = time.perf_counter()
+        unreadable = _unique_tiles([*unreadable, *(b.as_dict() for b in reader.take_bad_tiles())])
         counts = {
-            "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_raw": n_raw,
-            "prompts": len(points), "nuclei": n_nuclei, "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
+            "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_found": n_found,
+            "points_raw": n_raw, "prompts": len(points), "nuclei": n_nuclei, "unreadable_tiles": len(unreadable), "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
             "tile_px": tile_px,
             "workers": runner.n_workers,
         }
         report = build_report(
-            slide_path, props, config, segmentor, prompter, scaled.scale, work, time.perf_counter() - t_start, counts
+            slide_path, props, config, segmentor, prompter, scaled.scale, work, time.perf_counter() - t_start, counts,
+            unreadable_tiles=unreadable,
         )
         report["identity"] = run_identity(slide_path, config)
         geojson_writer, zarr_writer = writers
@@ -362,6 +431,15 @@ def _run(
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
     _write_reports(report_path, html_path, report, reader, zarr_path)
     checkpoint.clear()
+    remove_partial_outputs(
+        {p for fmt in GEOJSON_FORMATS for p in output_paths(name, out_dir, replace(config, geojson_format=fmt))},
+        before=started,
+    )
+    if unreadable:
+        log.warning(
+            "%s: %d unreadable tiles painted as background (listed in %s)", slide_path.name, len(unreadable),
+            report_path.name,
+        )
     if n_edge:
         log.warning("%s: %d nuclei reached their tile's outer edge (see report)", slide_path.name, n_edge)
     return SlideResult(slide_path, geojson_path, zarr_path, report_path, html_path, n_nuclei, report)
@@ -371,20 +449,23 @@ def _global_prompts(
     config: RunConfig, reader: Any, props: Any, scaled: Any, prompter: Prompter | None,
     classes: Sequence[NucleusClass], slide_mpp: float, tile_px: int, slide_spec: SlideSpec,
     model_spec: ModelSpec, runner: Runner, progress: ProgressFn, timings: dict[str, float], work: dict[str, float],
-) -> tuple[PointSet, dict[str, int]]:
-    """Tissue, prompter tiles and point NMS: the slide's one global prompt set (working frame)."""
+    map_store: Path | None = None,
+) -> tuple[PointSet, dict[str, Any]]:
+    """Tissue, prompter tiles and point NMS: the slide's one global prompt set (working frame),
+    and counts (with the damaged tiles read as background, as dicts under BAD_TILES_KEY)."""
     width, height = scaled.size_px
     t = time.perf_counter()
     tissue = _tissue(reader, config, slide_mpp)
     timings["tissue"] = time.perf_counter() - t
     if tissue.is_empty and config.prompts_file is None:
-        log.warning(
-            "%s: no tissue found, so no nuclei; if the slide does hold tissue, run with "
-            "--no-tissue-detection or give the region with --roi", props.path.name if props.path else "slide",
-        )
+        from wsiseg.tissue import no_tissue_advice
+
+        advice = no_tissue_advice(roi_given=config.roi is not None, detect=config.tissue_detection)
+        log.warning("%s: %s", props.path.name if props.path else "slide", advice)
 
     t = time.perf_counter()
     n_prompter_tiles = 0
+    unreadable: list[dict[str, Any]] = []
     if config.prompts_file is not None:
         from wsiseg.models.prompters.file_prompts import read_prompt_file
 
@@ -395,6 +476,12 @@ def _global_prompts(
         points = PointSet(scaled.from_l0(pts_l0.xy), pts_l0.score, pts_l0.class_id)
         xy = points.xy
         points = points.take((xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < width) & (xy[:, 1] < height))
+        if len(pts_l0) and not len(points):  # a file for another slide or in another frame, never 0 nuclei
+            raise ValueError(
+                f"{config.prompts_file}: none of its {len(pts_l0)} points lies on the slide; GeoJSON points are in "
+                "QuPath's frame (level-0 px minus the slide's bounds), CSV points in level-0 px"
+            )
+        n_found = len(points)
         nms_radius = 0.0
     else:
         assert prompter is not None
@@ -403,9 +490,16 @@ def _global_prompts(
         n_prompter_tiles = len(ptiles)
         found: list[PointSet] = []
         n_found = 0
-        for pts, tm in runner.map_chain(_batches(ptiles, config.batch_tiles), PROMPTER_STAGES, slide_spec, model_spec):
+        if map_store is not None:
+            from wsiseg.map_store import MapStore
+
+            map_store.parent.mkdir(parents=True, exist_ok=True)
+            MapStore.create(map_store, prompter.map_channels, width, height, pplan.stride_px)
+        stages = _prompter_stages(map_store)
+        for pts, tm in runner.map_chain(_batches(ptiles, config.batch_tiles), stages, slide_spec, model_spec):
             found.append(pts)
             _add(work, tm)
+            unreadable.extend(tm.get(BAD_TILES_KEY, ()))
             n_found += len(pts)
             progress("prompter", min(len(found) * config.batch_tiles, n_prompter_tiles), n_prompter_tiles, n_found)
         points = PointSet.concat(found)
@@ -420,12 +514,14 @@ def _global_prompts(
     n_raw = len(points)
     points = point_nms(points, nms_radius)
     timings["merge"] = time.perf_counter() - t
-    return points, {"prompter_tiles": n_prompter_tiles, "points_raw": n_raw}
+    unreadable.extend(b.as_dict() for b in reader.take_bad_tiles())  # the tissue thumbnail's (and in-process reads')
+    return points, {"prompter_tiles": n_prompter_tiles, "points_found": n_found, "points_raw": n_raw,
+                    BAD_TILES_KEY: _unique_tiles(unreadable)}
 
 
 def _segmentor_results(
     jobs: Iterable[Any], config: RunConfig, checkpoint: SlideCheckpoint, runner: Runner,
-    slide_spec: SlideSpec, model_spec: ModelSpec,
+    slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None,
 ) -> Iterator[tuple[NucleusTable, dict[str, float]]]:
     """Each segmentor batch's nuclei, in order: the checkpointed prefix from disk, the rest
     computed (and checkpointed before the writers see it)."""
@@ -434,7 +530,7 @@ def _segmentor_results(
     for index in range(n_saved):
         next(batches, None)
         yield checkpoint.load_batch(index)
-    for index, (table, times) in enumerate(runner.map_chain(batches, SEGMENTOR_STAGES, slide_spec, model_spec), n_saved):
+    for index, (table, times) in enumerate(runner.map_chain(batches, _segmentor_stages(map_store), slide_spec, model_spec), n_saved):
         checkpoint.save_batch(index, table, times)
         yield table, times
 
@@ -492,9 +588,16 @@ def completed_outputs(slide_path: Path, out_dir: Path, config: RunConfig, name: 
     return report if previous.get("identity") == run_identity(slide_path, config) else None
 
 
-def _add(acc: dict[str, float], more: dict[str, float]) -> None:
+def _add(acc: dict[str, float], more: dict[str, Any]) -> None:
     for k, v in more.items():
-        acc[k] = acc.get(k, 0.0) + v
+        if k != BAD_TILES_KEY:
+            acc[k] = acc.get(k, 0.0) + v
+
+
+def _unique_tiles(tiles: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Damaged tiles once each (several workers may meet one), sorted by level, y, x."""
+    unique = {(t["level"], t["x_l0"], t["y_l0"]): t for t in tiles}
+    return [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[2], k[1]))]
 
 
 def _classes(prompter: Prompter | None) -> tuple[NucleusClass, ...]:
@@ -532,18 +635,10 @@ def _prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> in
 
 
 def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:
-    from wsiseg.tissue import TissueMask, detect_tissue, roi_from_geojson
+    from wsiseg.tissue import tissue_for_slide
 
-    w, h = reader.properties.size_l0
-    if config.tissue_detection:
-        thumb, downsample = reader.thumbnail(2048)
-        mask = detect_tissue(thumb, downsample, mpp_l0=slide_mpp)
-    else:
-        mask = TissueMask.full(w, h)
-    if config.roi is not None:
-        roi = roi_from_geojson(config.roi)
-        mask = mask.restrict_to(roi)
-    return mask
+    # --roi is read in QuPath's frame (bounds subtracted), like every GeoJSON wsiseg reads and writes
+    return tissue_for_slide(reader, mpp_l0=slide_mpp, detect=config.tissue_detection, roi=config.roi)
 
 
 def _tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:

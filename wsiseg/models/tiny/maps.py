@@ -66,6 +66,7 @@ class DenseMapNet:
         std: Sequence[float] = IMAGENET_STD,
         settings: MapSettings = MapSettings(),
         device: str = "cpu",
+        weights_sha256: str | None = None,
     ) -> None:
         import torch
 
@@ -75,6 +76,8 @@ class DenseMapNet:
         self.std = tuple(float(s) for s in std)
         self.settings = settings
         self.multiple = int(network.config.multiple)
+        #: equal for two nets that give the same maps (same weights file, precision); None: unknown
+        self.map_key = f"{weights_sha256}:{settings.precision}:{self.mean}:{self.std}" if weights_sha256 else None
 
     def predict_maps(self, tiles: np.ndarray) -> np.ndarray:
         """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance)."""
@@ -108,7 +111,8 @@ class DenseMapNet:
         load_state(network, bundle.load_weights(role), where=where)
         mean, std = manifest_normalisation(bundle.manifest)
         chosen = settings or MapSettings(precision=str(component.config.get("precision", "fp32")))
-        return cls(network, mean=mean, std=std, settings=chosen, device=device), bundle, component
+        net = cls(network, mean=mean, std=std, settings=chosen, device=device, weights_sha256=component.sha256)
+        return net, bundle, component
 
 
 def tile_batches(tiles: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet
-from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, DenseMapNet, MapSettings
+from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, N_MAPS, DenseMapNet, MapSettings
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import Bundle
@@ -114,8 +114,20 @@ class TinyPrompter:
 
     def predict_points(self, tiles: np.ndarray) -> list[PointSet]:
         """tiles: (B, H, W, 3) uint8 -> one PointSet per tile (tile px, pixel-edge frame)."""
+        return self.predict_points_and_maps(tiles)[0]
+
+    def predict_points_and_maps(self, tiles: np.ndarray) -> tuple[list[PointSet], np.ndarray]:
+        """The points and the (B, 3, H, W) float32 maps they came from (`wsiseg.map_store`)."""
         maps = self.net.predict_maps(tiles)
-        return [peak_points(m, self.peaks) for m in maps]
+        return [peak_points(m, self.peaks) for m in maps], maps
+
+    #: channels of the maps `predict_points_and_maps` returns
+    map_channels = N_MAPS
+
+    @property
+    def map_key(self) -> str | None:
+        """Identifies the maps (network weights and precision); None when unknown."""
+        return self.net.map_key
 
     @classmethod
     def from_bundle(

@@ -126,8 +126,19 @@ class TinySegmentor:
         tiles = tile_batches(tiles)
         if len(prompts) != len(tiles):
             raise ValueError(f"{len(tiles)} tiles but {len(prompts)} prompt batches")
-        maps = self.net.predict_maps(tiles)
+        return self.segment_maps(self.net.predict_maps(tiles), prompts)
+
+    def segment_maps(self, maps: np.ndarray, prompts: Sequence[PromptBatch]) -> list[TileMasks]:
+        """maps: (B, 3, H, W) float32 from this model's network (e.g. stored by the prompter,
+        `wsiseg.map_store`); one PromptBatch per tile -> one TileMasks per tile."""
+        if len(prompts) != len(maps):
+            raise ValueError(f"{len(maps)} map tiles but {len(prompts)} prompt batches")
         return [watershed_masks(m, b, self.settings) for m, b in zip(maps, prompts)]
+
+    @property
+    def map_key(self) -> str | None:
+        """Identifies the maps (network weights and precision); None when unknown."""
+        return self.net.map_key
 
     @classmethod
     def from_bundle(
