@@ -411,7 +411,8 @@ def _run(
         unreadable = _unique_tiles([*unreadable, *(b.as_dict() for b in reader.take_bad_tiles())])
         counts = {
             "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_found": n_found,
-            "points_raw": n_raw, "prompts": len(points), "nuclei": n_nuclei, "unreadable_tiles": len(unreadable), "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
+            "points_raw": n_raw, "prompts": len(points), "nuclei": n_nuclei, "unreadable_tiles": len(unreadable),
+            "nuclei_touching_tile_edge": n_edge, "halo_px": halo,
             "tile_px": tile_px,
             "workers": runner.n_workers,
         }

@@ -8,13 +8,18 @@ raster cell is inside, outside, or on the border (only border cells ask the poly
 Detection (`detect_tissue`) works on an RGB thumbnail: tissue is what is coloured
 (HSV saturation above an Otsu threshold clamped to sane bounds) and neither white glass,
 near-black scanner background, nor pen ink (blue/green ink has more green than red, which
-H&E stains never have; black ink is dark and grey).  Specks smaller than `min_area_um2`
-are dropped, holes smaller than `max_hole_um2` filled, and the result grown by
-`dilate_um` so the edge of the tissue is kept.  Red ink looks like eosin and is not removed.
+H&E stains never have; black ink is dark and grey).  An image without colour (a greyscale
+scan) is thresholded on darkness instead, and a mostly dark image without glass is refused
+as not brightfield (fluorescence).  Specks smaller than `min_area_um2` (or 1 % of the
+image, whichever is smaller, so a small image that is all tissue stays tissue) are
+dropped, holes smaller than `max_hole_um2` filled, and the result grown by `dilate_um` so
+the edge of the tissue is kept.  Red ink looks like eosin and is not removed.
 
-`--roi FILE` regions: the pipeline intersects them with the detected tissue
-(`TissueMask.restrict_to`); with `--no-tissue-detection` the region replaces detection,
-since `TissueMask.full(...).restrict_to(roi)` is the region itself.
+`--roi FILE` regions (`roi_for_slide`): the file is in QuPath's frame, like every GeoJSON
+wsiseg reads or writes for a slide (`GEOJSON_FRAME`); a region that misses the slide is an
+error.  The pipeline intersects them with the detected tissue (`TissueMask.restrict_to`);
+with `--no-tissue-detection` the region replaces detection, since
+`TissueMask.full(...).restrict_to(roi)` is the region itself (`tissue_for_slide`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ _OUTSIDE, _INSIDE, _BORDER = 0, 1, 2
 
 class RoiError(ValueError):
     """A region file cannot be used; the message names the file and the fix."""
+
+
+class NotBrightfieldImageError(ValueError):
+    """The thumbnail does not look like a brightfield scan (dark background, no glass)."""
+
+
+#: The frame rule of every GeoJSON file wsiseg reads or writes for a slide (--roi, --prompts, outputs).
+GEOJSON_FRAME = (
+    "GeoJSON coordinates are QuPath's image pixels: level-0 pixels minus the slide's "
+    "openslide.bounds-x/y (as QuPath exports them and wsiseg writes them)"
+)
 
 
 def _polygon_parts(geom: shapely.Geometry) -> list[shapely.Polygon]:
@@ -203,9 +219,18 @@ class TissueDetectionConfig:
     pen_green_excess: pen ink has green above red by more than this (of 255) ...
     pen_blue_excess: ... and its larger of green/blue above red by more than this.
     black_ink_value, black_ink_saturation: dark and grey pixels are black ink.
+    darkness_bounds: images without colour: the Otsu threshold on darkness (1 - value) is
+        clamped to this range.
+    colourless_fraction: an image is without colour when fewer pixels than this fraction
+        have channels differing by more than `colour_delta` (of 255).
+    small_image_fraction: pieces of at least this fraction of the image are never specks.
     """
 
     saturation_bounds: tuple[float, float] = (0.05, 0.15)
+    darkness_bounds: tuple[float, float] = (0.08, 0.2)
+    colour_delta: int = 12
+    colourless_fraction: float = 1e-4
+    small_image_fraction: float = 0.01
     black_value: float = 0.12
     pen_green_excess: int = 8
     pen_blue_excess: int = 25
@@ -215,13 +240,15 @@ class TissueDetectionConfig:
     dilate_um: float = 20.0
 
     def __post_init__(self) -> None:
-        lo, hi = self.saturation_bounds
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"saturation_bounds must satisfy 0 <= low <= high <= 1, got {self.saturation_bounds}")
-        for key in ("black_value", "black_ink_value", "black_ink_saturation"):
+        for key in ("saturation_bounds", "darkness_bounds"):
+            lo, hi = getattr(self, key)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{key} must satisfy 0 <= low <= high <= 1, got {getattr(self, key)}")
+        fractions = ("black_value", "black_ink_value", "black_ink_saturation", "colourless_fraction", "small_image_fraction")
+        for key in fractions:
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"TissueDetectionConfig.{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("pen_green_excess", "pen_blue_excess", "max_hole_um2", "dilate_um"):
+        for key in ("pen_green_excess", "pen_blue_excess", "max_hole_um2", "dilate_um", "colour_delta"):
             if getattr(self, key) < 0:
                 raise ValueError(f"TissueDetectionConfig.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -264,7 +291,9 @@ def detect_tissue(
     thumbnail_rgb: (h, w, 3) uint8 of the whole slide; downsample: level-0 px per thumbnail px.
     mpp_l0: µm per level-0 px; without it, areas fall back to thumbnail-pixel rules
         (specks < 0.01% of the thumbnail dropped, holes < 0.05% filled, 1 px growth).
-    min_area_um2: tissue pieces smaller than this are debris and dropped.
+    min_area_um2: tissue pieces smaller than this, and than 1% of the image
+        (`config.small_image_fraction`), are debris and dropped.
+    Raises NotBrightfieldImageError for a dark image without glass (fluorescence).
     exclude_pen: remove blue, green and black ink.
     slide_size_l0: (width, height) of level 0; default thumbnail size x downsample.
     """
@@ -285,18 +314,24 @@ def detect_tissue(
     with np.errstate(divide="ignore", invalid="ignore"):
         saturation = np.where(hi > 0, (hi - lo) / hi, 0.0).astype(np.float32)
 
+    colourless = np.count_nonzero(hi - lo > config.colour_delta) < config.colourless_fraction * h * w
+    _check_brightfield(value, saturation)
     excluded = value < config.black_value
-    if exclude_pen:
-        pen = _pen_mask(rgb, value, saturation, config)
-        excluded |= cv2.dilate(pen.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
-    candidates = saturation[~excluded]
-    s_lo, s_hi = config.saturation_bounds
+    if colourless:  # greyscale: tissue is what is darker than the glass; no ink can be told apart
+        signal, (s_lo, s_hi) = 1.0 - value, config.darkness_bounds
+    else:
+        if exclude_pen:
+            pen = _pen_mask(rgb, value, saturation, config)
+            excluded |= cv2.dilate(pen.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+        signal, (s_lo, s_hi) = saturation, config.saturation_bounds
+    candidates = signal[~excluded]
     threshold = float(np.clip(_otsu(candidates), s_lo, s_hi)) if candidates.size else s_hi
-    tissue = (saturation > threshold) & ~excluded
+    tissue = (signal > threshold) & ~excluded
 
     if mpp_l0 is not None:
         px_um2 = (mpp_l0 * downsample) ** 2
-        min_area_px = min_area_um2 / px_um2
+        # A piece that is a sizeable part of the image is tissue, however small the image.
+        min_area_px = min(min_area_um2 / px_um2, config.small_image_fraction * h * w)
         max_hole_px = config.max_hole_um2 / px_um2
         grow_px = max(1, round(config.dilate_um / (mpp_l0 * downsample)))
     else:
@@ -314,10 +349,30 @@ def detect_tissue(
     polygons_l0 = shapely.transform(polygons, lambda c: c * downsample)
     if slide_size_l0 is None:
         slide_size_l0 = (max(1, math.ceil(w * downsample)), max(1, math.ceil(h * downsample)))
-    log.debug("tissue: saturation threshold %.3f, %d regions", threshold, len(polygons.geoms))
+    kind = "darkness" if colourless else "saturation"
+    log.debug("tissue: %s threshold %.3f, %d regions", kind, threshold, len(polygons.geoms))
     size = (int(slide_size_l0[0]), int(slide_size_l0[1]))
     polygons_l0 = shapely.intersection(polygons_l0, shapely.box(0, 0, size[0], size[1]))
     return TissueMask(polygons_l0, tissue, float(downsample), size)
+
+
+#: A brightfield thumbnail shows glass; one whose median brightness is below this and whose
+#: glass (bright, grey) covers under GLASS_FRACTION is a fluorescence or dark-field image.
+DARK_MEDIAN_VALUE = 0.25
+GLASS_FRACTION = 0.01
+
+
+def _check_brightfield(value: np.ndarray, saturation: np.ndarray) -> None:
+    """Raise NotBrightfieldImageError for a mostly dark thumbnail without glass."""
+    median = float(np.median(value))
+    if median >= DARK_MEDIAN_VALUE:
+        return
+    glass = float(np.mean((value > 0.8) & (saturation < 0.1)))
+    if glass < GLASS_FRACTION:
+        raise NotBrightfieldImageError(
+            f"the image is dark with no bright glass (median brightness {median:.0%}), as in fluorescence: "
+            "wsiseg segments nuclei in brightfield H&E scans (run with --no-tissue-detection to process it anyway)"
+        )
 
 
 def _drop_small(mask: np.ndarray, min_area_px: float, *, keep_small: bool = False) -> np.ndarray:
@@ -361,15 +416,92 @@ def _trace(mask: np.ndarray) -> shapely.MultiPolygon:
 def roi_from_geojson(
     path: str | Path, *, offset_l0: tuple[float, float] = (0.0, 0.0), class_name: str | None = None
 ) -> shapely.MultiPolygon:
-    """Polygons of a GeoJSON / QuPath annotation file as one level-0 MultiPolygon.
+    """Polygons of a GeoJSON / QuPath annotation file as one MultiPolygon, shifted by offset_l0.
 
     Accepts a FeatureCollection, a list of Features, a Feature or a bare geometry
     (.geojson, .json, optionally gzipped).  Polygon and MultiPolygon geometries are used,
     others skipped.  class_name: keep only features classified so (QuPath classification).
-    offset_l0: added to every coordinate (QuPath exports of OpenSlide images cropped to
-    their bounds are offset by (bounds-x, bounds-y) from level 0).
+    offset_l0: added to every coordinate; for a slide, `roi_for_slide` applies the frame
+    rule (GEOJSON_FRAME) instead of taking an offset.
     """
     path = Path(path)
+    return _shifted(_region(_read_geojson(path), path, class_name), offset_l0)
+
+
+def roi_for_slide(
+    path: str | Path,
+    size_l0: tuple[int, int],
+    bounds_l0: tuple[int, int, int, int] | None,
+    *,
+    class_name: str | None = None,
+) -> shapely.MultiPolygon:
+    """A --roi file's polygons in the slide's level-0 frame, read by the GEOJSON_FRAME rule.
+
+    size_l0: (width, height) of level 0; bounds_l0: the slide's (x, y, width, height)
+    non-empty region (openslide.bounds-*), or None.  File coordinates + (bounds x, y) =
+    level 0.  Raises RoiError when the file records a coordinate_frame offset other than
+    this slide's (written for another slide) or when no part of the region lies on the
+    slide image (the bounds box where there is one).
+    """
+    path = Path(path)
+    data = _read_geojson(path)
+    region = _region(data, path, class_name)
+    bx, by, bw, bh = bounds_l0 if bounds_l0 is not None else (0, 0, int(size_l0[0]), int(size_l0[1]))
+    recorded = (data.get("coordinate_frame") or {}).get("offset_l0") if isinstance(data, dict) else None
+    if recorded is not None and not np.allclose(np.asarray(recorded, np.float64), (bx, by)):
+        raise RoiError(
+            f"region file {path} was written for a slide whose QuPath offset is {list(recorded)}, "
+            f"this slide's is [{bx}, {by}]; export the region from this slide"
+        )
+    image = shapely.box(0, 0, bw, bh)  # the slide image as QuPath shows it
+    inside = shapely.intersection(region, image)
+    if inside.is_empty or inside.area == 0:
+        x0, y0, x1, y1 = region.bounds
+        raise RoiError(
+            f"region file {path} ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f} px) lies outside the slide image "
+            f"({bw} x {bh} px in QuPath's frame); export the region from this slide in QuPath"
+        )
+    if inside.area < 0.5 * region.area:
+        outside = 100 * (1 - inside.area / region.area)
+        log.warning("%s: %.0f%% of the region lies outside the slide image", path, outside)
+    return _shifted(_as_multipolygon(inside), (bx, by))
+
+
+def tissue_for_slide(
+    reader: Any, *, mpp_l0: float | None, detect: bool = True, roi: str | Path | None = None
+) -> TissueMask:
+    """The region a run processes: detected tissue (or the whole slide), within --roi.
+
+    reader: an open SlideReader (its properties and `thumbnail`); mpp_l0: µm per level-0 px.
+    """
+    props = reader.properties
+    w, h = props.size_l0
+    if detect:
+        thumb, downsample = reader.thumbnail(2048)
+        mask = detect_tissue(thumb, downsample, mpp_l0=mpp_l0, slide_size_l0=(w, h))
+    else:
+        mask = TissueMask.full(w, h)
+    if roi is not None:
+        mask = mask.restrict_to(roi_for_slide(roi, (w, h), props.bounds_l0))
+    return mask
+
+
+def no_tissue_advice(*, roi_given: bool, detect: bool) -> str:
+    """What to tell a user whose run found no tissue (one line, no file name)."""
+    if roi_given and detect:
+        return (
+            "no tissue found inside the --roi region, so no nuclei; if the region does hold tissue, "
+            "run with --no-tissue-detection"
+        )
+    if roi_given:
+        return "the --roi region holds no part of the slide, so no nuclei"
+    return (
+        "no tissue found, so no nuclei; if the slide does hold tissue, run with --no-tissue-detection "
+        "or give the region with --roi"
+    )
+
+
+def _read_geojson(path: Path) -> Any:
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -377,9 +509,13 @@ def roi_from_geojson(
     try:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        data = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RoiError(f"region file {path} is not GeoJSON ({exc}); export the annotations from QuPath as GeoJSON") from exc
+
+
+def _region(data: Any, path: Path, class_name: str | None) -> shapely.MultiPolygon:
+    """The polygonal part of a parsed GeoJSON document, in the file's coordinates."""
     geoms: list[shapely.Geometry] = []
     skipped = 0
     try:
@@ -402,7 +538,11 @@ def roi_from_geojson(
     if region.is_empty:
         which = f" classified {class_name!r}" if class_name else ""
         raise RoiError(f"region file {path} has no Polygon or MultiPolygon{which}; draw an area annotation and export it")
-    dx, dy = float(offset_l0[0]), float(offset_l0[1])
+    return region
+
+
+def _shifted(region: shapely.MultiPolygon, offset: tuple[float, float]) -> shapely.MultiPolygon:
+    dx, dy = float(offset[0]), float(offset[1])
     if dx or dy:
         region = _as_multipolygon(shapely.transform(region, lambda c: c + np.array([dx, dy])))
     return region

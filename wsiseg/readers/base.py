@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from wsiseg.readers.resolution import MPP_RANGE
+
 
 class SlideError(Exception):
     """A slide cannot be used; the message names the file and the fix."""
@@ -23,7 +25,23 @@ class UnsupportedSlideError(SlideError):
 
 
 class MissingMppError(SlideError):
-    """The slide has no resolution metadata and none was given with --mpp."""
+    """The slide has no trustworthy resolution metadata and none was given with --mpp."""
+
+
+class NonSquarePixelsError(SlideError):
+    """The slide's pixels are not square (mpp x and y differ by more than 1 %)."""
+
+
+class NotBrightfieldError(UnsupportedSlideError):
+    """The file holds something other than 8-bit brightfield (H&E) pixels."""
+
+
+def not_brightfield_message(path: Path | str, what: str) -> str:
+    """One line: `path` holds `what` (e.g. "uint16 pixels, 1 channel"), which wsiseg cannot segment."""
+    return (
+        f"{path}: {what}; only 8-bit grey or RGB(A) images are supported: wsiseg segments nuclei in "
+        "brightfield H&E scans, not fluorescence or other multi-channel data (export an 8-bit RGB H&E image)"
+    )
 
 
 @dataclass(frozen=True)
@@ -32,8 +50,10 @@ class SlideProperties:
 
     level_dimensions: (width, height) per level, level 0 first.
     level_downsamples: level-0 pixels per level pixel, level 0 = 1.0.
-    mpp: micrometres per level-0 pixel (x, y), or None when the file does not say.
+    mpp: micrometres per level-0 pixel (x, y), or None when the file does not say or what
+        it says is not plausible (see wsiseg.readers.resolution).
     bounds_l0: (x, y, width, height) of the non-empty region (openslide.bounds-*), or None.
+    mpp_problem: why the file's resolution is not used (one clause), when it holds one.
     """
 
     path: Path
@@ -45,6 +65,7 @@ class SlideProperties:
     objective_power: float | None
     bounds_l0: tuple[int, int, int, int] | None
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    mpp_problem: str | None = None
 
     def __post_init__(self) -> None:
         if not self.level_dimensions:
@@ -82,11 +103,6 @@ class SlideReader(Protocol):
     def close(self) -> None: ...
 
 
-#: Micrometres per pixel a microscope slide can plausibly have.  Values outside are
-#: treated as unknown: image editors write 72 or 300 dpi (352.8 or 84.7 um/px) by default.
-MPP_RANGE: tuple[float, float] = (0.02, 50.0)
-
-
 def checked_mpp(mpp_x: object, mpp_y: object) -> tuple[float, float] | None:
     """(mpp_x, mpp_y) in micrometres per level-0 pixel, or None when either is missing,
     unparsable or outside MPP_RANGE."""
@@ -101,13 +117,16 @@ def checked_mpp(mpp_x: object, mpp_y: object) -> tuple[float, float] | None:
 
 
 def require_mpp(props: SlideProperties, path: Path | str | None = None) -> tuple[float, float]:
-    """The slide's (mpp_x, mpp_y); raises MissingMppError naming --mpp when it has none."""
+    """The slide's (mpp_x, mpp_y); raises MissingMppError naming --mpp when it has none,
+    saying why when the file holds a resolution that was refused."""
     if props.mpp is None:
         where = path if path is not None else props.path
-        raise MissingMppError(
-            f"{where}: the slide has no resolution metadata (micrometres per pixel); "
-            "pass --mpp (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)"
+        why = (
+            f"the slide's resolution is not trusted because {props.mpp_problem}"
+            if props.mpp_problem
+            else "the slide has no resolution metadata (micrometres per pixel)"
         )
+        raise MissingMppError(f"{where}: {why}; pass --mpp (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)")
     return props.mpp
 
 

@@ -1,8 +1,9 @@
 """Plain-image backend: PNG, JPEG and single-level TIFF as a one-level slide.
 
 The whole image is decoded on the first read and kept (these files are small next to a
-whole-slide image).  mpp comes from TIFF resolution tags in cm or inch, else it is
-unknown (None): PNG and JPEG carry no trustworthy scan resolution.
+whole-slide image).  mpp comes from TIFF resolution tags in cm or inch (or ImageJ's
+micron), judged by `wsiseg.readers.resolution`; else it is unknown (None): PNG and JPEG
+carry no trustworthy scan resolution.
 """
 
 from __future__ import annotations
@@ -11,11 +12,28 @@ from pathlib import Path
 
 import numpy as np
 
-from wsiseg.readers.base import BaseSlideReader, SlideError, SlideProperties, checked_mpp, read_clipped
+from wsiseg.readers.base import (
+    BaseSlideReader,
+    NotBrightfieldError,
+    SlideProperties,
+    not_brightfield_message,
+    read_clipped,
+)
 from wsiseg.readers.registry import register_backend
+from wsiseg.readers.resolution import MppReading, mpp_from_override, tiff_tag_mpp
 
 _TIFF = (".tif", ".tiff")
-_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre
+
+
+def tiff_tags_reading(tags: dict[str, object], description: str | None = None) -> MppReading:
+    """The resolution TIFF tags state (see `tiff_tag_mpp`), with its problem if refused.
+
+    tags: tag name -> value as tifffile reports it (resolutions as (numerator, denominator),
+    ResolutionUnit as an int or enum).  A missing ResolutionUnit means inch (TIFF 6.0).
+    """
+    unit = tags.get("ResolutionUnit", 2)
+    unit = int(unit) if unit is not None else 2  # type: ignore[call-overload]
+    return tiff_tag_mpp(tags.get("XResolution"), tags.get("YResolution"), unit, description)
 
 
 def tiff_resolution_mpp(tags: dict[str, object]) -> tuple[float, float] | None:
@@ -24,20 +42,12 @@ def tiff_resolution_mpp(tags: dict[str, object]) -> tuple[float, float] | None:
     tags: tag name -> value as tifffile reports it (resolutions as (numerator, denominator)).
     Only inch and centimetre units count; implausible values (72 dpi) give None.
     """
-    unit = tags.get("ResolutionUnit")
-    scale = _UM_PER_UNIT.get(int(unit)) if unit is not None else None  # type: ignore[call-overload]
-    xres, yres = tags.get("XResolution"), tags.get("YResolution")
-    if scale is None or xres is None or yres is None:
-        return None
-    try:
-        px_per_unit_x = xres[0] / xres[1]  # type: ignore[index]
-        px_per_unit_y = yres[0] / yres[1]  # type: ignore[index]
-        return checked_mpp(scale / px_per_unit_x, scale / px_per_unit_y)
-    except (TypeError, ZeroDivisionError, IndexError):
-        return None
+    return tiff_tags_reading(tags).mpp
 
 
-@register_backend("image", (".png", ".jpg", ".jpeg") + _TIFF, priority=10, requires=("PIL", "tifffile"))
+@register_backend(
+    "image", (".png", ".jpg", ".jpeg") + _TIFF, priority=10, requires=("PIL", "tifffile"), install="pillow tifffile"
+)
 class ImageReader(BaseSlideReader):
     """A single-level image; level 0 only, regions outside the image are white."""
 
@@ -48,43 +58,46 @@ class ImageReader(BaseSlideReader):
             width, height, file_mpp = self._inspect_tiff()
         else:
             width, height, file_mpp = self._inspect_pil()
+        reading = mpp_from_override(mpp) or file_mpp
         self.properties = SlideProperties(
             path=self.path,
             reader="image",
             vendor="image",
             level_dimensions=((width, height),),
             level_downsamples=(1.0,),
-            mpp=(mpp, mpp) if mpp is not None else file_mpp,
+            mpp=reading.mpp,
             objective_power=None,
             bounds_l0=None,
+            mpp_problem=reading.problem,
         )
 
-    def _inspect_tiff(self) -> tuple[int, int, tuple[float, float] | None]:
+    def _inspect_tiff(self) -> tuple[int, int, MppReading]:
         import tifffile
 
         with tifffile.TiffFile(self.path) as tif:
             page = tif.pages.first
             if page.dtype != np.uint8:
-                raise SlideError(f"{self.path}: pixels are {page.dtype}; only 8-bit images are supported")
+                raise NotBrightfieldError(not_brightfield_message(self.path, f"pixels are {page.dtype}"))
             shape = page.shape
             if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 2, 3, 4)):
-                raise SlideError(f"{self.path}: image shape {shape} is not a 2-D grey/RGB(A) image")
+                what = f"image shape {shape} is not 2-D grey or RGB(A)"
+                raise NotBrightfieldError(not_brightfield_message(self.path, what))
             tags = {
                 name: page.tags[name].value
                 for name in ("XResolution", "YResolution", "ResolutionUnit")
                 if name in page.tags
             }
-            return int(shape[1]), int(shape[0]), tiff_resolution_mpp(tags)
+            return int(shape[1]), int(shape[0]), tiff_tags_reading(tags, page.description)
 
-    def _inspect_pil(self) -> tuple[int, int, None]:
+    def _inspect_pil(self) -> tuple[int, int, MppReading]:
         from PIL import Image
 
         with Image.open(self.path) as image:
             if image.mode not in ("L", "LA", "RGB", "RGBA", "P", "PA"):
-                raise SlideError(f"{self.path}: image mode {image.mode} is not 8-bit grey or RGB(A)")
+                raise NotBrightfieldError(not_brightfield_message(self.path, f"image mode is {image.mode}"))
             width, height = image.size
             image.verify()  # reads every chunk: a truncated or corrupt file fails here, not mid-run
-        return width, height, None
+        return width, height, MppReading()
 
     def _load(self) -> np.ndarray:
         if self._pixels is None:

@@ -1,10 +1,15 @@
 """Reader backends: registration, discovery and `open_slide` with fallback.
 
 A backend is a SlideReader class registered with `@register_backend(name, extensions,
-priority, requires=...)`.  `open_slide` picks the backends registered for the file's
-extension, tries them from the highest priority down and returns the first reader that
-opens the file; when none does, one UnsupportedSlideError names the file and every
-backend tried with its reason.
+priority, requires=..., claims=..., install=...)`.  `open_slide` picks the backends
+registered for the file's extension, tries them from the highest priority down and returns
+the first reader that opens the file; when none does, one UnsupportedSlideError names the
+file and every backend tried with its reason.  A backend whose `claims(path)` is true for
+a file (e.g. OME-TIFF, recognised by content) is the only one tried for it: a general TIFF
+reader would silently read the wrong image of such a file.
+
+Before any backend runs, a TIFF's first image must hold 8-bit grey or RGB(A) pixels
+(`tiff_inspection.check_tiff_pixels`); a folder of DICOM files is one slide.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from wsiseg.readers.base import MPP_RANGE, SlideError, SlideReader, UnsupportedSlideError
+from wsiseg.readers.base import MPP_RANGE, NotBrightfieldError, SlideError, SlideReader, UnsupportedSlideError
+from wsiseg.readers.tiff_inspection import check_tiff_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ class Backend:
 
     extensions: lower-case suffixes with the dot (".svs").  priority: higher is tried first.
     requires: modules that must import for the backend to work (its library).
+    claims: a content test; files it accepts are read by this backend only.
+    install: what to `pip install` when the library is missing.
     """
 
     name: str
@@ -45,6 +53,8 @@ class Backend:
     priority: int
     requires: tuple[str, ...]
     factory: ReaderFactory
+    claims: Callable[[Path], bool] | None = None
+    install: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -84,14 +94,22 @@ _T = TypeVar("_T")
 
 
 def register_backend(
-    name: str, extensions: tuple[str, ...], priority: int, *, requires: tuple[str, ...] = ()
+    name: str,
+    extensions: tuple[str, ...],
+    priority: int,
+    *,
+    requires: tuple[str, ...] = (),
+    claims: Callable[[Path], bool] | None = None,
+    install: str = "",
 ) -> Callable[[_T], _T]:
     """Class decorator: register a SlideReader class as backend `name`."""
 
     def decorate(cls: _T) -> _T:
         if name in BACKENDS:
             raise ValueError(f"reader backend {name!r} is already registered")
-        BACKENDS[name] = Backend(name, tuple(extensions), int(priority), tuple(requires), cls)  # type: ignore[arg-type]
+        BACKENDS[name] = Backend(
+            name, tuple(extensions), int(priority), tuple(requires), cls, claims, install  # type: ignore[arg-type]
+        )
         return cls
 
     return decorate
@@ -135,8 +153,36 @@ def candidate_backends(path: Path, backend: str | None = None) -> list[Backend]:
             raise ValueError(f"unknown reader backend {backend!r}; choose one of {sorted(BACKENDS)}")
         return [BACKENDS[backend]]
     suffix = path.suffix.lower()
-    found = [b for b in BACKENDS.values() if suffix in b.extensions]
-    return sorted(found, key=lambda b: -b.priority)  # stable: registration order breaks ties
+    found = sorted((b for b in BACKENDS.values() if suffix in b.extensions), key=lambda b: -b.priority)
+    claimed = [b for b in found if b.claims is not None and _claims(b, path)]
+    if claimed:
+        return claimed
+    return [b for b in found if b.claims is None]  # stable: registration order breaks ties
+
+
+def _claims(backend: Backend, path: Path) -> bool:
+    try:
+        return bool(backend.claims(path))  # type: ignore[misc]
+    except Exception:
+        logger.debug("%s: %s content test failed", path, backend.name, exc_info=True)
+        return False
+
+
+#: Extension of the files a DICOM whole-slide folder holds (one file per level or tile set).
+DICOM_SUFFIX = ".dcm"
+
+
+def dicom_folder_file(folder: Path) -> Path | None:
+    """The file to open for a folder of DICOM instances (one series = one slide), or None.
+
+    OpenSlide opens a DICOM whole-slide image from any one of its instances and finds the
+    rest in the same folder.
+    """
+    try:
+        files = sorted(q for q in folder.iterdir() if q.is_file() and q.suffix.lower() == DICOM_SUFFIX)
+    except OSError:
+        return None
+    return files[0] if files else None
 
 
 def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, backend: str | None = None) -> SlideReader:
@@ -159,7 +205,13 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, backen
     if not path.exists():
         raise SlideError(f"{path}: no such file; check the path")
     if path.is_dir():
-        raise SlideError(f"{path}: is a directory, not a slide file; pass one slide file")
+        instance = dicom_folder_file(path)
+        if instance is None:
+            raise SlideError(
+                f"{path}: is a directory without DICOM (.dcm) files, not a slide; pass one slide file "
+                "(an MRXS slide is the .mrxs file beside its folder)"
+            )
+        return open_slide(instance, mpp=mpp, backend=backend)
     candidates = candidate_backends(path, backend)
     if not candidates:
         kind = path.suffix or "(no extension)"
@@ -175,6 +227,13 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, backen
         raise SlideError(
             f"{path}: file is truncated ({size} bytes, its TIFF structure needs at least {span}); copy it again"
         )
+    check_tiff_pixels(path)
+    if all(c.unavailable_reason() is not None for c in candidates):
+        installs = sorted({c.install for c in candidates if c.install})
+        reasons = "; ".join(f"{c.name}: {c.unavailable_reason()}" for c in candidates)
+        hint = f"install {' or '.join(installs)}" if installs else "install a reader for it"
+        kind = path.suffix or "these"
+        raise UnsupportedSlideError(f"{path}: no installed reader opens {kind} files ({reasons}); {hint}")
     tried: list[str] = []
     for candidate in candidates:
         reason = candidate.unavailable_reason()
@@ -183,7 +242,7 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, backen
             continue
         try:
             reader = candidate.factory(path, mpp=mpp)
-        except MemoryError:
+        except (MemoryError, NotBrightfieldError):  # the file's pixels, not the backend, are the problem
             raise
         except Exception as exc:
             logger.debug("%s: backend %s failed", path, candidate.name, exc_info=True)

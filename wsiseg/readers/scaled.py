@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.readers.base import SlideReader, require_mpp
+from wsiseg.readers.base import NonSquarePixelsError, SlideReader, require_mpp
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 512  # level px; read grid for levels with a non-integer downsample
+#: Largest relative difference of mpp x and y read as square pixels.
+NON_SQUARE_TOLERANCE = 0.01
 
 
 def choose_level(downsamples: tuple[float, ...], scale: float, tolerance: float) -> tuple[int, float]:
@@ -73,7 +75,8 @@ class ScaledSlide:
     mpp: the working frame's actual mpp (slide mpp * scale).
     size_px: (width, height) of the working frame, ceil(level-0 size / scale).
     level: the pyramid level pixels are read from.
-    Needs the slide's mpp (open_slide(..., mpp=) supplies it); raises MissingMppError.
+    Needs the slide's mpp (open_slide(..., mpp=) supplies it); raises MissingMppError, and
+    NonSquarePixelsError when mpp x and y differ by more than NON_SQUARE_TOLERANCE.
     """
 
     def __init__(self, reader: SlideReader, target_mpp: float, *, tolerance: float = 0.02) -> None:
@@ -84,9 +87,12 @@ class ScaledSlide:
         props = reader.properties
         mpp_x, mpp_y = require_mpp(props)
         self.slide_mpp = (mpp_x + mpp_y) / 2.0
-        if abs(mpp_x - mpp_y) > 0.01 * self.slide_mpp:
-            logger.warning(
-                "%s: pixels are not square (mpp %.4f x %.4f); using %.4f", props.path, mpp_x, mpp_y, self.slide_mpp
+        if abs(mpp_x - mpp_y) > NON_SQUARE_TOLERANCE * min(mpp_x, mpp_y):
+            # One scale for both axes would distort every nucleus and bias its area.
+            raise NonSquarePixelsError(
+                f"{props.path}: pixels are not square ({mpp_x:.4g} x {mpp_y:.4g} µm/px) and wsiseg needs square "
+                f"pixels; resample the slide to square pixels first (e.g. vips resize IN OUT.tif 1 "
+                f"--vscale {mpp_y / mpp_x:.4g} for {mpp_x:.4g} µm/px)"
             )
         self.reader = reader
         self.target_mpp = float(target_mpp)

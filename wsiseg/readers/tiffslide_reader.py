@@ -30,7 +30,13 @@ def l0_for_level_px(v: int, downsample: float) -> int:
     return loc
 
 
-@register_backend("tiffslide", (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"), priority=50, requires=("tiffslide",))
+@register_backend(
+    "tiffslide",
+    (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"),
+    priority=50,
+    requires=("tiffslide",),
+    install="tiffslide",
+)
 class TiffSlideReader(BaseSlideReader):
     """A slide read through TiffSlide; level pixels map to level 0 by round(l0 / ds)."""
 
