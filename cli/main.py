@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn, Sequence
 
 import click
 
@@ -14,41 +14,79 @@ from wsiseg._version import __version__
 
 log = logging.getLogger("wsiseg")
 
+#: smallest `wsiseg demo --size` (one model tile)
+DEMO_MIN_SIZE_PX = 64
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
                   ".png", ".jpg", ".jpeg")
 
 
+#: the run's log file in the output folder; Dask workers write there too
+LOG_NAME = "wsiseg.log"
+#: loggers whose records reach the terminal only with --verbose (always the log file)
+_DASK_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
+
+
+def _usage_error(message: str) -> NoReturn:
+    """One line on stderr, exit 2 (a usage error: nothing was run)."""
+    _fail(message, None)
+    sys.exit(2)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """-o must be a folder or not exist yet; anything else is a usage error (exit 2)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        _usage_error(f"-o {out_dir}: is a file, not a folder; give a folder for the outputs (created when missing)")
+
+
 def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | None:
     root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "wsiseg_cli", False)]:  # an earlier command's
+        root.removeHandler(old)
+        old.close()
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    root.addHandler(console)
+    if not verbose:  # Dask's own warnings (nannies, the scheduler) go to the log file only
+        console.addFilter(lambda record: not record.name.startswith(_DASK_LOGGERS))
+    handlers: list[logging.Handler] = [console]
     for noisy in ("distributed", "tornado", "asyncio", "PIL", "numcodecs", "zarr", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if out_dir is None:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "wsiseg.log"
-    handler = logging.FileHandler(log_path)
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    log_path = None
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _usage_error(f"-o {out_dir}: cannot create the output folder ({exc.strerror or exc}); give another -o")
+        log_path = out_dir / LOG_NAME
+        handler = logging.FileHandler(log_path)
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(handler)
+    for h in handlers:
+        h.wsiseg_cli = True  # type: ignore[attr-defined]
+        root.addHandler(h)
     return log_path
 
 
 class Progress:
-    """One line per slide on stderr: stage, tiles done / total, nuclei found, ETA."""
+    """One line per slide and stage on stderr: tiles done / total, what the stage has counted so
+    far, ETA.  The prompter stage counts the points it found (before the score and tissue
+    filters and point NMS: the report's `points_found`); the segmentor stage counts nuclei, and
+    its last line's count is the report's `nuclei`."""
 
-    def __init__(self, name: str, enabled: bool) -> None:
+    #: what each stage's running count is
+    UNITS = {"prompter": "points", "segmentor": "nuclei"}
+
+    def __init__(self, name: str, enabled: bool, stream: IO[str] | None = None) -> None:
         self.name = name
-        self.enabled = enabled and sys.stderr.isatty()
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and self.stream.isatty()
         self.start = time.monotonic()
         self.stage_start: dict[str, float] = {}
         self.last = 0.0
 
-    def __call__(self, stage: str, done: int, total: int, nuclei: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, count: int) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
@@ -59,17 +97,33 @@ class Progress:
         frac = done / total if total else 1.0
         eta = (now - t0) / frac * (1 - frac) if frac > 0 else 0.0
         bar = "#" * int(24 * frac)
-        sys.stderr.write(
-            f"\r{self.name[:28]:28s} {stage:9s} [{bar:24s}] {done}/{total} tiles  {nuclei} nuclei  ETA {eta:5.0f}s"
+        unit = self.UNITS.get(stage, "found")
+        self.stream.write(
+            f"\r{self.name[:28]:28s} {stage:9s} [{bar:24s}] {done}/{total} tiles  {count:,} {unit}  ETA {eta:5.0f}s"
         )
         if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def _fail(message: str, log_path: Path | None) -> None:
     where = f" (details in {log_path})" if log_path else ""
-    click.echo(f"error: {message}{where}", err=True)
+    click.echo(f"error: {' '.join(message.split())}{where}", err=True)
+
+
+def _slide_failure(slide: Path, exc: BaseException) -> str:
+    """One line for a failed slide that names it once (wsiseg's messages already do)."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, (ValueError, OSError, LookupError)) and type(exc).__module__.split(".")[0] != "wsiseg":
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__  # a library's bare message
+    return text if str(slide) in text else f"{slide}: {text}"
+
+
+def _check_inputs(inputs: tuple[str, ...]) -> None:
+    """Every SLIDES argument must exist; a missing one is a usage error (exit 2) before any work."""
+    missing = [item for item in inputs if not Path(item).exists()]
+    if missing:
+        _usage_error(f"{', '.join(missing)}: no such file or folder; check the path{'s' if len(missing) > 1 else ''}")
 
 
 def _expand_slides(inputs: tuple[str, ...]) -> list[Path]:
@@ -77,7 +131,9 @@ def _expand_slides(inputs: tuple[str, ...]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            slides.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES))
+            from wsiseg.readers import find_slides
+
+            slides.extend(find_slides(p))  # subfolders too; a DICOM folder is one slide
         else:
             slides.append(p)
     return slides
@@ -97,13 +153,15 @@ def _run_options(f: Any) -> Any:
                      help="Model name (see `wsiseg models list`: wsiseg-tiny, classical, ...) or bundle path."),
         click.option("--prompter", default=None, help="Prompter model to use instead of the bundle's own."),
         click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     default=None, help="Points to segment (CSV x,y[,label] or GeoJSON, level-0 px)."),
+                     default=None, help="Points to segment: CSV x,y[,label] in level-0 px, or GeoJSON in "
+                     "QuPath's frame (as --roi)."),
         click.option("--tile-size", "tile_size", type=int, default=None,
                      help="Tile size in model px (default: the model's; 512 for wsiseg-tiny, 256 for classical and SAM)."),
         click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px."),
         click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px when the file lacks it."),
         click.option("--roi", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="GeoJSON polygons (level-0 px) restricting the run."),
+                     help="GeoJSON polygons restricting the run, in QuPath's frame: level-0 px minus the slide's "
+                     "openslide.bounds-x/y, as QuPath exports and wsiseg writes every GeoJSON."),
         click.option("--no-tissue-detection", is_flag=True, help="Process the whole slide, not only tissue."),
         click.option("--geojson-format", type=click.Choice(["gz", "geojson", "zip"]), default="gz",
                      show_default=True, help="gz: .geojson.gz; zip: region shards QuPath imports one by one."),
@@ -111,7 +169,8 @@ def _run_options(f: Any) -> Any:
         click.option("--workers", type=int, default=None, help="Local Dask workers (default: CPU cores)."),
         click.option("--scheduler", default=None,
                      help="'synchronous' (no Dask, for debugging) or a Dask scheduler address tcp://host:8786."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+                     help="auto: CUDA when a GPU is present, else the CPU."),
         click.option("--gpus", type=int, default=0, show_default=True, help="One Dask worker per GPU."),
         click.option("--k-negatives", type=int, default=None, help="Negative prompts per nucleus (model default)."),
         click.option("--prompt-selection", type=click.Choice(["centroid", "probability"]), default=None,
@@ -119,6 +178,9 @@ def _run_options(f: Any) -> Any:
         click.option("--points-per-tile", type=int, default=None, help="Probability prompters: points per tile."),
         click.option("--min-score", type=float, default=None,
                      help="Drop prompts scoring below this (0-1; default: the model's own threshold)."),
+        click.option("--on-bad-tile", "on_bad_tile", type=click.Choice(["fail", "skip"]), default="fail",
+                     show_default=True, help="A tile the slide file cannot decode: fail (that slide fails, naming "
+                     "the tile) or skip (paint it as background and list it in the report)."),
         click.option("--overwrite", is_flag=True, help="Redo slides whose complete outputs already exist."),
         click.option("--batch-tiles", type=int, default=8, show_default=True, help="Tiles per task."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors only."),
@@ -150,24 +212,40 @@ def _config(**kw: Any) -> Any:
         points_per_tile=kw["points_per_tile"],
         min_score=kw["min_score"],
         batch_tiles=kw["batch_tiles"],
+        on_bad_tile=kw["on_bad_tile"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"]),
     )
 
 
-def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path: Path | None) -> int:
-    from wsiseg.pipeline import run_slide
-    from wsiseg.scheduling import Runner
+def _prepare(out_dir: Path, kw: dict[str, Any]) -> Any:
+    """The run's RunConfig with its models loaded once; a bad option, an unknown --model or a
+    --device without CUDA is a usage error (one line, exit 2) before any slide or Dask starts."""
+    from dataclasses import replace
+
+    from wsiseg.pipeline import load_run_models
 
     try:
         config = _config(**kw)
     except ValueError as exc:
-        _fail(str(exc), None)
-        return 2
+        _usage_error(str(exc))
+    try:
+        load_run_models(config)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the model loading, the fix is an option
+        _usage_error(str(exc) or f"--model {kw['model']}: {type(exc).__name__}")
+    return replace(config, scheduler=replace(config.scheduler, worker_log=out_dir / LOG_NAME))
+
+
+def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, Any], log_path: Path | None,
+                entries: Sequence[Any] = ()) -> int:
+    from wsiseg.pipeline import run_slide
+    from wsiseg.slide_manifest import entry_config, requested_output_names
+    from wsiseg.summary import write_summary
+    from wsiseg.scheduling import Runner
     from wsiseg.cohort import Ledger, output_names, slide_stem
     from wsiseg.pipeline import completed_outputs
 
     try:
-        names = output_names(slides, out_dir)
+        names = requested_output_names(output_names(slides, out_dir), entries, out_dir)
     except ValueError as exc:
         _fail(str(exc), None)
         return 2
@@ -176,9 +254,11 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
     with Runner(config.scheduler) as runner:
         for slide in slides:
             name = names[slide]
-            if name != slide_stem(slide) and not kw["quiet"]:
+            entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
+            slide_config = entry_config(config, entry)
+            if name not in (slide_stem(slide), entry and entry.output_name) and not kw["quiet"]:
                 click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
-            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, config, name)
+            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
             if done is not None:
                 ledger.mark(slide, "skipped", report=str(done))
                 if not kw["quiet"]:
@@ -187,19 +267,28 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
             progress = Progress(slide.name, not kw["quiet"])
             ledger.mark(slide, "running")
             try:
-                result = run_slide(slide, out_dir, config, runner=runner, progress=progress, output_name=name)
+                result = run_slide(slide, out_dir, slide_config, runner=runner, progress=progress, output_name=name)
             except Exception as exc:  # one bad slide never stops the others
                 failed += 1
                 log.debug("%s failed", slide, exc_info=True)
-                ledger.mark(slide, "failed", reason=" ".join(str(exc).split()))
-                _fail(f"{slide}: {exc}", log_path)
+                message = _slide_failure(slide, exc)
+                ledger.mark(slide, "failed", reason=message)
+                _fail(message, log_path)
                 continue
-            ledger.mark(slide, "done", nuclei=result.n_nuclei, report=str(result.report))
+            counts = result.report_data.get("counts", {})
+            n_nuclei = int(counts.get("nuclei", result.n_nuclei))  # the report's count
+            ledger.mark(slide, "done", nuclei=n_nuclei, report=str(result.report))
             if not kw["quiet"]:
-                click.echo(f"{slide.name}: {result.n_nuclei} nuclei -> {result.geojson}, {result.zarr}")
+                bad = counts.get("unreadable_tiles", 0)
+                note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
+                click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
     if len(slides) > 1 and not kw["quiet"]:
         counts = ledger.counts()
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed ({ledger.path})")
+    try:
+        write_summary(out_dir)  # OUT/summary.csv and summary.html, failures first
+    except OSError as exc:
+        _fail(f"could not write the summary in {out_dir}: {exc}", log_path)
     return 1 if failed else 0
 
 
@@ -207,18 +296,31 @@ def _run_slides(slides: list[Path], out_dir: Path, kw: dict[str, Any], log_path:
 @click.argument("slides", nargs=-1, required=True)
 @_run_options
 def run(slides: tuple[str, ...], **kw: Any) -> None:
-    """Segment the nuclei of one or more SLIDES (files or folders of slides)."""
+    """Segment the nuclei of one or more SLIDES (files or folders of slides).
+
+    Exit status: 0 every slide done (or already done), 1 some slides failed (one line each),
+    2 usage error (bad option, missing input, unknown model, -o is a file): nothing was run.
+    """
     out_dir: Path = kw.pop("out_dir")
-    log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
-    paths = _expand_slides(slides)
+    _check_out_dir(out_dir)
+    _check_inputs(slides)
+    from wsiseg.slide_manifest import ManifestError, expand_inputs
+
+    try:
+        entries = expand_inputs(slides, _expand_slides)  # a .csv is a manifest: path[,mpp,roi,output_name]
+    except ManifestError as exc:
+        _usage_error(str(exc))
+    paths = [e.path for e in entries]
     if not paths:
-        _fail(f"no slides found in {', '.join(slides)}", None)
-        sys.exit(2)
-    sys.exit(_run_slides(paths, out_dir, kw, log_path))
+        _usage_error(f"no slides found in {', '.join(slides)}")
+    config = _prepare(out_dir, kw)
+    log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
+    sys.exit(_run_slides(paths, out_dir, config, kw, log_path, entries))
 
 
 @main.command()
-@click.option("--size", type=int, default=2048, show_default=True, help="Side of the synthetic slide in px.")
+@click.option("--size", type=click.IntRange(min=DEMO_MIN_SIZE_PX), default=2048, show_default=True,
+              help=f"Side of the synthetic slide in px (>= {DEMO_MIN_SIZE_PX}).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_run_options
 def demo(size: int, seed: int, **kw: Any) -> None:
@@ -228,13 +330,17 @@ def demo(size: int, seed: int, **kw: Any) -> None:
     out_dir: Path = kw.pop("out_dir")
     if out_dir == Path("results"):
         out_dir = Path("demo-out")
+    _check_out_dir(out_dir)
+    config = _prepare(out_dir, kw)
     log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
     slide = out_dir / "demo-slide.svs"
-    spec = SyntheticSpec(width=size, height=size, seed=seed)
-    truth = write_svs_like(slide, spec, make_nuclei(spec))
+    # a small slide is all tissue: a tissue blob with a margin would leave it without nuclei
+    spec = SyntheticSpec(width=size, height=size, seed=seed, tissue_fraction=1.0 if size < 1024 else 0.6)
+    levels = tuple(d for d in (1, 4, 16) if size // d >= 16)  # no pyramid level under 16 px
+    truth = write_svs_like(slide, spec, make_nuclei(spec), levels=levels)
     if not kw["quiet"]:
         click.echo(f"wrote synthetic slide {slide} ({size}x{size} px, {len(truth)} nuclei)")
-    sys.exit(_run_slides([slide], out_dir, kw, log_path))
+    sys.exit(_run_slides([slide], out_dir, config, kw, log_path))
 
 
 @main.command()
@@ -248,11 +354,15 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     from wsiseg.readers import open_slide
     from wsiseg.readers.base import SlideError
 
+    if not slide.exists():
+        _usage_error(f"{slide}: no such file or folder; check the path")
     try:
         reader = open_slide(slide, mpp=mpp)
-    except SlideError as exc:
+    except ValueError as exc:  # an option's value (--mpp)
+        _usage_error(str(exc))
+    except SlideError as exc:  # the file is there but is no slide wsiseg can read: it failed
         _fail(str(exc), None)
-        sys.exit(2)
+        sys.exit(1)
     p = reader.properties
     levels = [{"width": w, "height": h, "downsample": d} for (w, h), d in zip(p.level_dimensions, p.level_downsamples)]
     data: dict[str, Any] = {
@@ -273,7 +383,8 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     click.echo(f"{slide}")
     click.echo(f"  reader     {data['reader']}  (vendor: {data['vendor']})")
     click.echo(f"  size       {data['width']} x {data['height']} px")
-    mpp_text = f"{p.mpp[0]:.4f} x {p.mpp[1]:.4f} µm/px" if p.mpp else "unknown (pass --mpp to wsiseg run)"
+    why = f"{p.mpp_problem}; " if p.mpp_problem else ""
+    mpp_text = f"{p.mpp[0]:.4f} x {p.mpp[1]:.4f} µm/px" if p.mpp else f"unknown ({why}pass --mpp to wsiseg run)"
     click.echo(f"  mpp        {mpp_text}")
     click.echo(f"  objective  {p.objective_power if p.objective_power else 'unknown'}")
     click.echo(f"  bounds     {data['bounds'] if data['bounds'] else 'none'}")
@@ -311,11 +422,25 @@ def _register_score() -> None:
     main.add_command(score)
 
 
+def _register_check() -> None:
+    from wsiseg.cli.check import check_command
+
+    main.add_command(check_command)
+
+
+def _register_qupath() -> None:
+    from wsiseg.cli.qupath import qupath_script
+
+    main.add_command(qupath_script)
+
+
 _register_models()
 _register_eval()
 _register_score()
 _register_train()
 _register_pseudo_label()
+_register_check()
+_register_qupath()
 
 if __name__ == "__main__":
     main()

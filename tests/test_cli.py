@@ -87,5 +87,5 @@ def test_rerun_skips_completed_slides_unless_overwrite(svs_slide: Path, tmp_path
 def test_prompt_selection_needs_a_probability_prompter(svs_slide: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(tmp_path), "--prompt-selection", "centroid",
                                        "--scheduler", "synchronous"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: refused before any slide is read
     assert "--prompt-selection" in result.output

@@ -5,22 +5,29 @@ the result (slide file, size, modification time, parameters, model).  It holds t
 prompt set once the prompter stage is done, and every finished segmentor batch in order
 (`batch-000000.npz`, ...).  Batches reach the writers in order and are saved before they are
 written, so the saved ones are always a prefix: a resumed run reloads that prefix, computes
-the rest, and rewrites the outputs from scratch.  The folder is removed after a complete run.
+the rest, and rewrites the outputs from scratch.  The folder is removed after a complete run,
+and so are the partial outputs (`<output>.partial-<hex>`) a killed attempt left beside the
+outputs (`remove_partial_outputs`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from wsiseg.models.protocols import PointSet
 from wsiseg.nuclei import NucleusTable
+
+log = logging.getLogger(__name__)
 
 WORK_DIR = ".wsiseg-work"
 _TABLE_FIELDS = ("coords", "ring_offsets", "geom_offsets", "centroid_l0", "bbox_l0", "class_id", "area_px",
@@ -97,3 +104,37 @@ class SlideCheckpoint:
 
 def _batch_name(index: int) -> str:
     return f"batch-{index:06d}.npz"
+
+
+def remove_partial_outputs(outputs: Iterable[Path], *, before: float | None = None) -> list[Path]:
+    """Delete what killed runs left of these outputs: the writers' temporary
+    `<output name>.partial-<hex>` files and folders beside each output, last modified before
+    `before` (epoch seconds, default now), so a writer still busy in another process keeps its
+    own.  Nothing else is touched: not another slide's partials (their names differ before
+    `.partial-`), not the outputs.  Returns the removed paths.
+    """
+    cutoff = time.time() if before is None else before
+    removed: list[Path] = []
+    for output in outputs:
+        pattern = re.compile(re.escape(output.name) + r"\.partial-[0-9a-f]+")
+        try:
+            siblings = list(output.parent.iterdir())
+        except OSError:
+            continue
+        for path in siblings:
+            if not pattern.fullmatch(path.name):
+                continue
+            try:
+                if path.lstat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError as exc:
+                log.warning("could not remove %s left by an interrupted run: %s", path, exc)
+                continue
+            removed.append(path)
+    if removed:
+        log.info("removed %d partial outputs of interrupted runs: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed

@@ -29,7 +29,9 @@ from wsiseg.cohort import slide_stem
 from wsiseg.map_store import shares_maps
 from wsiseg.nuclei import NucleusTable
 from wsiseg.provenance import build_provenance, build_report, model_sha256
-from wsiseg.workers import BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec
+from wsiseg.workers import (
+    BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec, unique_bad_tiles,
+)
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
 from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
@@ -408,7 +410,7 @@ def _run(
             progress("segmentor", done, n_jobs, n_nuclei)
         timings["segmentor"] = time.perf_counter() - t - timings["write"]
         tw = time.perf_counter()
-        unreadable = _unique_tiles([*unreadable, *(b.as_dict() for b in reader.take_bad_tiles())])
+        unreadable = unique_bad_tiles([*unreadable, *(b.as_dict() for b in reader.take_bad_tiles())])
         counts = {
             "prompter_tiles": n_prompter_tiles, "segmentor_tiles": n_jobs, "points_found": n_found,
             "points_raw": n_raw, "prompts": len(points), "nuclei": n_nuclei, "unreadable_tiles": len(unreadable),
@@ -517,7 +519,7 @@ def _global_prompts(
     timings["merge"] = time.perf_counter() - t
     unreadable.extend(b.as_dict() for b in reader.take_bad_tiles())  # the tissue thumbnail's (and in-process reads')
     return points, {"prompter_tiles": n_prompter_tiles, "points_found": n_found, "points_raw": n_raw,
-                    BAD_TILES_KEY: _unique_tiles(unreadable)}
+                    BAD_TILES_KEY: unique_bad_tiles(unreadable)}
 
 
 def _segmentor_results(
@@ -593,12 +595,6 @@ def _add(acc: dict[str, float], more: dict[str, Any]) -> None:
     for k, v in more.items():
         if k != BAD_TILES_KEY:
             acc[k] = acc.get(k, 0.0) + v
-
-
-def _unique_tiles(tiles: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Damaged tiles once each (several workers may meet one), sorted by level, y, x."""
-    unique = {(t["level"], t["x_l0"], t["y_l0"]): t for t in tiles}
-    return [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[2], k[1]))]
 
 
 def _classes(prompter: Prompter | None) -> tuple[NucleusClass, ...]:

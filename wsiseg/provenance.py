@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, Prompter, Segmentor
+from wsiseg.writers.report import UNREADABLE_TILES_KEY
 
 if TYPE_CHECKING:
     from wsiseg.pipeline import RunConfig
@@ -77,8 +78,14 @@ def build_provenance(
 def build_report(
     slide_path: Path, props: Any, config: RunConfig, segmentor: Segmentor, prompter: Prompter | None,
     scale: float, work: dict[str, float], wall_s: float, counts: dict[str, int],
+    *, unreadable_tiles: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The per-slide report: counts, task times, the model's share of wall time, parameters."""
+    """The per-slide report: counts, task times, the model's share of wall time, parameters.
+
+    unreadable_tiles: tiles the slide file could not decode, read as background
+    (--on-bad-tile skip), as dicts level, x_l0, y_l0, width_l0, height_l0 (level-0 px), reason;
+    listed under `unreadable_tiles` (always present, empty for an undamaged slide).
+    """
     workers = counts["workers"]
     st = slide_path.stat()
     return {
@@ -100,5 +107,6 @@ def build_report(
         "workers": workers,
         # share of the workers' wall time spent inside the model (1.0 = the model never waits)
         "model_fraction_of_wall": round(work.get("model", 0.0) / max(wall_s * workers, 1e-9), 4),
+        UNREADABLE_TILES_KEY: [dict(t) for t in unreadable_tiles],
         "parameters": config.parameters(),
     }

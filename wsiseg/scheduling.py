@@ -3,21 +3,30 @@
 `Runner.map_ordered(fn, items)` submits one task per item with at most `max_in_flight`
 tasks outstanding and yields results in submission order, so memory stays bounded by the
 window whatever the slide size, and downstream writers see a deterministic order.
+
+A LocalCluster starts its dashboard on a free port (never a warning about 8787 being taken)
+and, given `SchedulerConfig.worker_log`, its worker processes log to that file instead of the
+terminal (`dask_setup`, Dask's preload hook, runs in each worker as it starts).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+#: environment variable that tells a local worker process where to log (see `dask_setup`)
+WORKER_LOG_ENV = "WSISEG_WORKER_LOG"
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,10 @@ class SchedulerConfig:
         `CUDA_VISIBLE_DEVICES` set and a `GPU` resource that model tasks request, while reading
         and stitching request `CPU` (the other workers').  On an existing cluster, start GPU
         workers with `--resources GPU=1` and CPU workers with `--resources CPU=1`.
+    worker_log: file the LocalCluster's worker processes append their log records to (Dask's
+        warnings and task tracebacks included) instead of writing them to the terminal;
+        None leaves Dask's own logging as it is.  Workers of an existing cluster log where
+        that cluster says.
     """
 
     scheduler: str | None = None
@@ -36,6 +49,7 @@ class SchedulerConfig:
     threads_per_worker: int = 1
     gpus: int = 0
     max_in_flight: int | None = None
+    worker_log: Path | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -55,6 +69,8 @@ class Runner:
         self._client: Any = None
         self._cluster: Any = None
         self.n_workers = 1
+        #: the Dask dashboard's address (None in-process or when Dask has none)
+        self.dashboard: str | None = None
 
     def __enter__(self) -> Runner:
         cfg = self.config
@@ -72,7 +88,8 @@ class Runner:
         else:
             self._client = Client(cfg.scheduler, timeout="20s")
         self.n_workers = max(1, len(self._client.scheduler_info().get("workers", {})))
-        log.info("Dask client %s with %d workers", self._client, self.n_workers)
+        self.dashboard = getattr(self._client, "dashboard_link", None)
+        log.info("Dask client %s with %d workers; dashboard %s", self._client, self.n_workers, self.dashboard)
         return self
 
     def _local_cluster(self, n: int) -> Any:
@@ -83,10 +100,19 @@ class Runner:
             n_workers=n,
             threads_per_worker=cfg.threads_per_worker,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: another cluster's dashboard on 8787 is no concern of ours
             silence_logs=logging.WARNING,
             resources={"CPU": 1} if cfg.gpus else None,
+            **self._worker_logging(),
         )
+
+    def _worker_logging(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Nanny options that send a worker's log records to `worker_log` (see `dask_setup`)."""
+        env = dict(env or {})
+        if self.config.worker_log is None:
+            return {"env": env} if env else {}
+        env[WORKER_LOG_ENV] = str(Path(self.config.worker_log).resolve())
+        return {"env": env, "preload": [__name__]}
 
     def _add_gpu_workers(self, gpus: int) -> None:
         # One worker per GPU, each seeing only its own device; model tasks ask for resources={"GPU": 1}.
@@ -98,7 +124,7 @@ class Runner:
                 "options": {
                     "nthreads": 1,
                     "resources": {"GPU": 1},
-                    "env": {"CUDA_VISIBLE_DEVICES": str(gpu)},
+                    **self._worker_logging({"CUDA_VISIBLE_DEVICES": str(gpu)}),
                 },
             }
         self._cluster.scale(len(self._cluster.worker_spec))
@@ -174,6 +200,35 @@ def _worker_environment() -> Iterator[None]:
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         yield
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask's preload hook, run in each local worker process as it starts: when
+    WORKER_LOG_ENV names a file, the process's log records (Dask's own, wsiseg's, Python
+    warnings) go there instead of to the terminal."""
+    path = os.environ.get(WORKER_LOG_ENV)
+    if path:
+        log_to_file(Path(path), f"worker {os.getpid()}")
+
+
+def log_to_file(path: Path, who: str) -> None:
+    """Send this process's log records to `path` (appended) and none to stderr: drop the
+    stderr handlers of the root and "distributed" loggers (Dask adds its own), let
+    "distributed" propagate, and route Python warnings through logging."""
+    handler = logging.FileHandler(path, delay=True)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [{who}]: %(message)s"))
+    for name in (None, "distributed"):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__):
+                logger.removeHandler(h)
+    logging.getLogger("distributed").propagate = True
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not every connection and plugin
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
 
 
 def _is_large(obj: Any) -> bool:

@@ -533,7 +533,9 @@ def _write_pyramid(
     truth = make_nuclei(spec) if truth is None else truth
     w, h = spec.width, spec.height
     aperio = aperio_description is not None
-    thumb_ds = max(2, 1 << math.ceil(math.log2(max(w, h) / 1024))) if aperio else levels[-1]
+    # SVS thumbnail: the smallest power-of-two downsample >= 2 whose longest side is <= 1024 px
+    # (slides up to 2048 px get 2; the exponent is never negative, whatever the slide size)
+    thumb_ds = 1 << max(1, math.ceil(math.log2(max(w, h) / 1024))) if aperio else levels[-1]
     reduced_ds = sorted(set(levels[1:]) | ({thumb_ds} if aperio else set()))
     strip = math.lcm(tile, *reduced_ds)
     options: dict[str, Any] = {"photometric": "rgb", "compression": _CODECS[compression], "metadata": None}

@@ -5,6 +5,11 @@ its top-level scalars as a summary table, every mapping as a key-value table (ti
 its key; ``timings_s`` = stage -> seconds gets a per-stage share column, and its
 ``total`` entry, when present, is the wall time) and every list as bullet points.
 
+``unreadable_tiles`` (UNREADABLE_TILES_KEY), when not empty, is shown first after the summary
+as a table: the tiles the slide file could not decode, read as background
+(``--on-bad-tile skip``), each a mapping level, x_l0, y_l0, width_l0, height_l0 (level-0 px)
+and reason.
+
 Images: the thumbnail (RGB uint8, H x W x 3) with one dot per nucleus coloured by
 class, and a nuclei-density heat map, both inlined as base64 PNG.  Centroids passed
 here are in *thumbnail* pixels (x, y), i.e. level-0 centroids divided by the
@@ -26,7 +31,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["density_map", "jsonable", "render_overlay", "write_report", "write_report_html"]
+__all__ = ["UNREADABLE_TILES_KEY", "density_map", "jsonable", "render_overlay", "write_report", "write_report_html"]
+
+#: report key of the tiles read as background because the slide file could not decode them
+UNREADABLE_TILES_KEY = "unreadable_tiles"
+_TILE_COLUMNS = ("level", "x_l0", "y_l0", "width_l0", "height_l0", "reason")
 
 _UNCLASSIFIED_RGB = (0, 200, 0)
 
@@ -188,6 +197,20 @@ def _timings_table(timings: Mapping[str, Any]) -> str:
     return "<table><tr><th>stage</th><th>time</th><th>share</th></tr>" + "".join(rows) + "</table>"
 
 
+def _unreadable_table(tiles: Sequence[Any]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in _TILE_COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(t.get(c, '')))}</td>" for c in _TILE_COLUMNS) + "</tr>"
+        for t in tiles
+        if isinstance(t, Mapping)
+    )
+    note = (
+        f"<p><b>{len(tiles):,} tiles of the slide file could not be decoded</b> and were read as background: "
+        "no nuclei were found there (coordinates in level-0 px).</p>"
+    )
+    return f"{note}<table><tr>{head}</tr>{rows}</table>"
+
+
 def _section(title: str, body: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
 
@@ -229,6 +252,9 @@ def write_report_html(
     scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
     if scalars:
         parts.append(_section("Summary", _kv_table(scalars)))
+    unreadable = data.get(UNREADABLE_TILES_KEY)
+    if isinstance(unreadable, list) and unreadable:
+        parts.append(_section("Unreadable tiles", _unreadable_table(unreadable)))
     parts.append(
         _section(
             "Nuclei",
@@ -240,6 +266,8 @@ def write_report_html(
     )
     for key, value in data.items():
         title_ = key.replace("_", " ").capitalize()
+        if key == UNREADABLE_TILES_KEY:
+            continue  # shown above
         if key == "timings_s" and isinstance(value, dict):
             parts.append(_section("Timings per stage", _timings_table(value)))
         elif isinstance(value, dict):
