@@ -1,0 +1,129 @@
+"""wsiseg check: one row per slide, a verdict, estimates from a timed sample run; manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wsiseg.cli.main import main
+from wsiseg.slide_manifest import ManifestError, SlideEntry, read_manifest
+from wsiseg.synthetic import SyntheticSpec, SyntheticTruth, tissue_mask
+
+FAST = ["--model", "classical", "--device", "cpu"]
+
+
+def _check(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["check", *args, *FAST])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_good_slide_is_ok_with_its_size_mpp_tissue_area_and_estimates(
+    svs_slide: Path, svs_spec: SyntheticSpec, svs_truth: SyntheticTruth
+) -> None:
+    code, out, err = _check(str(svs_slide), "--json")
+    assert code == 0, out + err
+    [row] = json.loads(out)
+    assert row["verdict"] == "ok" and row["reasons"] == []
+    assert (row["reader"], row["vendor"]) == ("openslide", "aperio")
+    assert (row["width"], row["height"], row["levels"]) == (2048, 1536, 3)
+    assert row["mpp"] == pytest.approx(0.5) and row["mpp_source"] == "aperio.MPP"
+    assert row["objective_power"] == 20
+    truth_mm2 = tissue_mask(svs_spec, svs_truth, 0, 0, 2048, 1536).sum() * svs_spec.mpp**2 / 1e6
+    assert row["tissue_area_mm2"] == pytest.approx(truth_mm2, rel=0.2)
+    # extrapolated from a measured sample: tissue-sized tile counts, nuclei near the truth's count
+    assert row["sample"]["nuclei"] > 0 and 0 < row["sample"]["area_mm2"] < row["tissue_area_mm2"] / 5
+    assert row["tiles_prompter"] > row["sample"]["prompter_tiles"]
+    assert 0.5 * len(svs_truth) <= row["nuclei"] <= 2 * len(svs_truth)
+    assert row["time_s"] > row["sample"]["wall_s"] / 2 and row["peak_rss_mib"] > 50
+
+
+def test_text_file_and_slide_without_mpp_are_unusable_and_exit_1(text_as_svs: Path, no_mpp_tiff: Path) -> None:
+    code, out, _ = _check(str(text_as_svs), str(no_mpp_tiff), "--json")
+    assert code == 1
+    text, no_mpp = json.loads(out)
+    assert text["verdict"] == "unusable" and str(text_as_svs) in text["reasons"][0]
+    assert no_mpp["verdict"] == "unusable" and no_mpp["reader"] is not None and no_mpp["mpp"] is None
+    assert "--mpp" in no_mpp["reasons"][0] and str(no_mpp_tiff) in no_mpp["reasons"][0]
+    assert no_mpp["nuclei"] is None and no_mpp["time_s"] is None  # nothing is sampled
+
+
+def test_table_has_one_row_per_slide_and_each_reason(text_as_svs: Path, no_mpp_tiff: Path) -> None:
+    code, out, _ = _check(str(text_as_svs), str(no_mpp_tiff))
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["slide", "reader", "vendor"]
+    rows = [ln for ln in lines[1:3]]
+    assert rows[0].startswith(text_as_svs.name) and rows[0].rstrip().endswith("unusable")
+    assert rows[1].startswith(no_mpp_tiff.name) and "missing" in rows[1]
+    assert any(ln.startswith(f"{no_mpp_tiff.name}: unusable:") and "--mpp" in ln for ln in lines)
+    assert "0 ok, 0 warning, 2 unusable" in out
+
+
+def test_mpp_option_makes_a_slide_without_mpp_usable(no_mpp_tiff: Path) -> None:
+    code, out, err = _check(str(no_mpp_tiff), "--mpp", "0.5", "--json")
+    assert code == 0, out + err
+    [row] = json.loads(out)
+    assert row["verdict"] in ("ok", "warning") and row["mpp"] == 0.5 and row["mpp_source"] == "--mpp"
+
+
+def test_manifest_paths_are_relative_to_the_csv(tmp_path: Path, no_mpp_tiff: Path, text_as_svs: Path) -> None:
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    manifest = folder / "cohort.csv"
+    rel = os.path.relpath(no_mpp_tiff, folder)
+    manifest.write_text(f"path,mpp,output_name\n{rel},0.5,case-1\n\n{os.path.relpath(text_as_svs, folder)},,\n")
+    code, out, err = _check(str(manifest), "--json")
+    assert code == 1, out + err  # the text file is unusable
+    good, bad = json.loads(out)
+    assert Path(good["path"]).resolve() == no_mpp_tiff.resolve()
+    assert good["verdict"] == "ok" and good["mpp_source"] == "manifest" and good["output_name"] == "case-1"
+    assert good["origin"] == f"{manifest}, row 2" and bad["origin"] == f"{manifest}, row 4"
+    assert bad["verdict"] == "unusable"
+
+
+def test_bad_manifest_row_is_one_line_naming_file_row_and_fix(tmp_path: Path, svs_slide: Path) -> None:
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,mpp\n{svs_slide},0.5\n{svs_slide.with_name('other.svs')},abc\n")
+    result = CliRunner().invoke(main, ["check", str(manifest), *FAST])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(manifest) in lines[0] and "row 3" in lines[0] and "mpp" in lines[0]
+    assert "e.g. 0.25" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("slide,mpp\na.svs,0.5\n", ["row 1", "'path'"]),
+        ("path,magnification\na.svs,40\n", ["row 1", "'magnification'", "path, mpp, roi, output_name"]),
+        ("path\n{slide}\n{slide}\n", ["row 3", "listed twice", "row 2"]),
+        ("path,roi\n{slide},nowhere.geojson\n", ["row 2", "nowhere.geojson", "not found"]),
+        ("path,output_name\n{slide},../escape\n", ["row 2", "output_name", "letters"]),
+        ("path,mpp\n,0.5\n", ["row 2", "path is empty"]),
+        ("path\n", ["lists no slides"]),
+    ],
+)
+def test_manifest_errors_name_the_row_and_the_fix(
+    tmp_path: Path, svs_slide: Path, text: str, words: list[str]
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text.format(slide=svs_slide))
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    message = str(info.value)
+    assert "\n" not in message and str(manifest) in message
+    for word in words:
+        assert word in message
+
+
+def test_manifest_reads_overrides_and_skips_blank_rows(tmp_path: Path) -> None:
+    (tmp_path / "r.geojson").write_text("{}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\ufeffPath , MPP,roi,output_name\nsub/a.svs, 0.25 ,r.geojson,a1\n,,,\n/abs/b.tif,,,\n")
+    a, b = read_manifest(manifest)
+    assert a == SlideEntry(tmp_path / "sub/a.svs", 0.25, tmp_path / "r.geojson", "a1", f"{manifest}, row 2")
+    assert b.path == Path("/abs/b.tif") and b.mpp is None and b.roi is None and b.output_name is None
