@@ -34,14 +34,13 @@ from wsiseg.workers import (
 )
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
+from wsiseg.stages import predict_points, read_tiles, segment, stitch
 from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
 
 log = logging.getLogger(__name__)
 
 GeoJSONFormat = Literal["gz", "geojson", "zip"]
 GEOJSON_FORMATS: tuple[GeoJSONFormat, ...] = ("gz", "geojson", "zip")
-#: Smaller remnants (e.g. a prompt whose mask lost every pixel but a few to a neighbour) are dropped.
-MIN_NUCLEUS_AREA_UM2 = 4.0
 STAGES = ("open", "tissue", "prompter", "merge", "segmentor", "write")
 #: the model `wsiseg run` uses when none is named: the built-in learned model.
 DEFAULT_MODEL = "wsiseg-tiny"
@@ -167,137 +166,22 @@ def _prompter_options(config: RunConfig) -> tuple[tuple[str, Any], ...]:
     return tuple(options)
 
 
-# --------------------------------------------------------------------------- tasks
+# --------------------------------------------------------------------------- tasks (wsiseg.stages)
 
-
-def _read_tiles(tiles: Sequence[Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> dict[str, Any]:
-    """Stage 1 (CPU): the batch's tile pixels.  `tiles` are TileSpecs or SegmentorJobs."""
-    t0 = time.perf_counter()
-    slide = slide_spec.open()
-    specs = [getattr(t, "tile", t) for t in tiles]
-    images = np.stack([read_mirrored(slide, s.x0, s.y0, s.size) for s in specs])
-    times: dict[str, Any] = {"read": time.perf_counter() - t0}
-    take_bad = getattr(slide.reader, "take_bad_tiles", None)
-    bad = take_bad() if take_bad is not None else []
-    if bad:  # tiles read as background (--on-bad-tile skip) travel with the times to the report
-        times[BAD_TILES_KEY] = [b.as_dict() for b in bad]
-    return {"items": list(tiles), "images": images, "times": times}
-
-
-def read_mirrored(slide: Any, x0: int, y0: int, size: int) -> np.ndarray:
-    """A size x size tile of the working frame at (x0, y0); beyond the image's edges the image
-    is mirrored (symmetric about each edge), so a model sees no artificial border where tissue
-    is cut by the image edge, and a pixel's value never depends on which tile reads it."""
-    width, height = slide.size_px
-    ax0, ay0 = max(x0, 0), max(y0, 0)
-    ax1, ay1 = min(x0 + size, width), min(y0 + size, height)
-    if ax1 <= ax0 or ay1 <= ay0:
-        return np.full((size, size, 3), 255, np.uint8)
-    inside = slide.read(ax0, ay0, ax1 - ax0, ay1 - ay0)
-    pad = ((ay0 - y0, y0 + size - ay1), (ax0 - x0, x0 + size - ax1), (0, 0))
-    return np.pad(inside, pad, mode="symmetric") if any(p for p in pad[0] + pad[1]) else np.ascontiguousarray(inside)
-
-
-def _predict_points(
-    batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None
-) -> tuple[PointSet, dict]:
-    """Stage 2 of the prompter (model): points owned by each tile, in the working frame; with a
-    map store, each tile's core maps are stored for the segmentor (`wsiseg.map_store`)."""
-    t0 = time.perf_counter()
-    prompter, _ = model_spec.load()
-    assert prompter is not None
-    if map_store is None:
-        found = prompter.predict_points(batch["images"])
-    else:
-        found, maps = prompter.predict_points_and_maps(batch["images"])
-        store = _open_map_store(map_store)
-        for t, m in zip(batch["items"], maps):
-            store.write_core(t, m)
-    out = []
-    for t, pts in zip(batch["items"], found):
-        pts = PointSet(pts.xy + np.array([t.x0, t.y0], np.float32), pts.score, pts.class_id)
-        out.append(pts.take(t.owns(pts.xy)))
-    return PointSet.concat(out), {**batch["times"], "model": time.perf_counter() - t0}
-
-
-def _segment(
-    batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None
-) -> dict[str, Any]:
-    """Stage 2 of the segmentor (model): one mask per prompt of every tile; with a map store,
-    from the prompter's stored maps instead of a second network pass."""
-    t0 = time.perf_counter()
-    _, segmentor = model_spec.load()
-    prompts = [j.prompts for j in batch["items"]]
-    if map_store is None:
-        masks = segmentor.segment_tiles(batch["images"], prompts)
-    else:
-        store = _open_map_store(map_store)
-        maps = np.stack([store.read(j.tile.x0, j.tile.y0, j.tile.size) for j in batch["items"]])
-        masks = segmentor.segment_maps(maps, prompts)
-    return {**batch, "masks": masks, "times": {**batch["times"], "model": time.perf_counter() - t0}}
-
-
-def _stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[NucleusTable, dict]:
-    """Stage 3 (CPU): finished level-0 nuclei owned by the batch's segmentor tiles."""
-    from wsiseg.stain import hematoxylin_od
-    from wsiseg.stitching import FrameTransform, stitch_tile
-
-    t0 = time.perf_counter()
-    slide = slide_spec.open()
-    transform = FrameTransform(scale=slide.scale, mpp=slide.mpp, clip_l0=_clip_box(slide.reader.properties))
-    min_area = max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp)))
-    tables = [
-        stitch_tile(
-            tile_origin_px=(job.tile.x0, job.tile.y0),
-            tile_shape=image.shape[:2],
-            masks=tile_masks,
-            n_owned=job.n_owned,
-            prompt_ids=job.prompt_ids,
-            prompt_score=job.score,
-            prompt_class=job.class_id,
-            hematoxylin_od=hematoxylin_od(image),
-            transform=transform,
-            min_area_px=min_area,
-            image_size_px=slide.size_px,
-        )
-        for job, image, tile_masks in zip(batch["items"], batch["images"], batch["masks"])
-    ]
-    return NucleusTable.concat(tables), {**batch["times"], "post": time.perf_counter() - t0}
-
-
-def _clip_box(props: Any) -> tuple[float, float, float, float]:
-    """The level-0 box nuclei must lie in: the slide, cut to its bounds box when it has one."""
-    w, h = props.size_l0
-    if props.bounds_l0 is None:
-        return (0.0, 0.0, float(w), float(h))
-    bx, by, bw, bh = props.bounds_l0
-    return (float(max(bx, 0)), float(max(by, 0)), float(min(bx + bw, w)), float(min(by + bh, h)))
-
-
-PROMPTER_STAGES = (Stage(_read_tiles), Stage(_predict_points, model=True))
-SEGMENTOR_STAGES = (Stage(_read_tiles), Stage(_segment, model=True), Stage(_stitch))
+PROMPTER_STAGES = (Stage(read_tiles), Stage(predict_points, model=True))
+SEGMENTOR_STAGES = (Stage(read_tiles), Stage(segment, model=True), Stage(stitch))
 
 
 def _prompter_stages(map_store: Path | None) -> tuple[Stage, ...]:
     if map_store is None:
         return PROMPTER_STAGES
-    return (Stage(_read_tiles), Stage(partial(_predict_points, map_store=map_store), model=True))
+    return (Stage(read_tiles), Stage(partial(predict_points, map_store=map_store), model=True))
 
 
 def _segmentor_stages(map_store: Path | None) -> tuple[Stage, ...]:
     if map_store is None:
         return SEGMENTOR_STAGES
-    return (Stage(_read_tiles), Stage(partial(_segment, map_store=map_store), model=True), Stage(_stitch))
-
-
-def _open_map_store(path: Path) -> Any:
-    """The worker's handle on a slide's map store (opened once per worker)."""
-    from wsiseg.map_store import MapStore
-
-    key = ("map_store", str(path))
-    if key not in WORKER_CACHE:
-        WORKER_CACHE[key] = MapStore.open(path)
-    return WORKER_CACHE[key]
+    return (Stage(read_tiles), Stage(partial(segment, map_store=map_store), model=True), Stage(stitch))
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -432,7 +316,7 @@ def _run(
             w.abort()
         raise
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
-    _write_reports(report_path, html_path, report, reader, zarr_path)
+    _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path))
     checkpoint.clear()
     remove_partial_outputs(
         {p for fmt in GEOJSON_FORMATS for p in output_paths(name, out_dir, replace(config, geojson_format=fmt))},
@@ -676,15 +560,54 @@ def _open_writers(
     return [gj, zw]
 
 
-def _write_reports(report_path: Path, html_path: Path, report: dict[str, Any], reader: Any, zarr_path: Path) -> None:
-    from wsiseg.writers.report import write_report, write_report_html
+def _write_reports(
+    report: dict[str, Any], reader: Any, config: RunConfig, slide_mpp: float, paths: tuple[Path, Path, Path, Path]
+) -> None:
+    """The report JSON, with tissue area, command line, models and outputs added, and its HTML page.
 
+    paths: (GeoJSON, Zarr, report JSON, report HTML) as `output_paths` gives them.
+    """
+    import sys
+
+    from wsiseg.writers.report import ReportSlide, record_run, write_report, write_report_html
+
+    geojson_path, zarr_path, report_path, html_path = paths
+    tissue = None
+    try:  # the run's region again (a resumed run skipped it): same thumbnail, same result
+        tissue = _tissue(reader, config, slide_mpp).polygons_l0
+    except Exception as exc:  # noqa: BLE001 - the report goes without a tissue area then
+        log.warning("%s: tissue area for the report not measured: %s", report_path.name, exc)
+    outputs = {"geojson": geojson_path, "zarr": zarr_path, "report_json": report_path, "report_html": html_path}
+    record_run(report, command_line=sys.argv, tissue_l0=tissue, mpp=slide_mpp, outputs=outputs,
+               models=_model_versions(config))
     write_report(report_path, report)
     try:
-        thumb, downsample = reader.thumbnail(1024)
         from wsiseg.writers.zarr_store import open_nuclei
 
-        store = open_nuclei(zarr_path)  # columns only: no polygons in memory
-        write_report_html(html_path, report, thumb, store.column("centroid") / downsample, store.column("class_id"))
+        thumb, downsample = reader.thumbnail(1024)
+        slide = ReportSlide(thumb, downsample, reader.properties.size_l0, slide_mpp, tissue,
+                            lambda x, y, w, h: reader.read_region((x, y), 0, (w, h)))
+        write_report_html(html_path, report, slide, open_nuclei(zarr_path))
     except Exception as exc:  # the HTML page is a convenience; never fail a finished run for it
         log.warning("could not write %s: %s", html_path, exc)
+
+
+def _model_versions(config: RunConfig) -> list[dict[str, Any]]:
+    """Role, name, version and sha256 of each model the run named (None where not a bundle)."""
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    out: list[dict[str, Any]] = []
+    for role, name in (("model", config.model), ("prompter", config.prompter)):
+        if name is None:
+            continue
+        entry: dict[str, Any] = {"role": role, "name": name, "version": None, "sha256": None}
+        try:
+            target = resolve_model(name)
+            if target != "classical" and not Path(target).is_file():
+                bundle = open_bundle(target)
+                entry.update(version=bundle.manifest.version, sha256=bundle.sha256)
+        except (ValueError, OSError, LookupError):
+            pass
+        out.append(entry)
+    return out
