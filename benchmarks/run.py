@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -23,19 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-
-
-def make_slide(size: int, folder: Path, seed: int = 0) -> Path:
-    from wsiseg.synthetic import SyntheticSpec, make_nuclei, write_svs_like
-
-    path = folder / f"synthetic-{size}.svs"
-    if not path.exists():
-        spec = SyntheticSpec(width=size, height=size, mpp=0.5, seed=seed, tissue_fraction=0.9, tissue_pieces=3)
-        t = time.perf_counter()
-        write_svs_like(path, spec, make_nuclei(spec))
-        print(f"  wrote {path.name} in {time.perf_counter() - t:.1f}s", flush=True)
-    return path
+from common import HERE, created, machine_info, make_slide, pipeline_figures, write_record
 
 
 def bare_decode(slide: Path, tile: int = 256) -> dict[str, float]:
@@ -85,23 +72,9 @@ def child(slide: Path, out: Path, args: argparse.Namespace, workers: int) -> dic
     t = time.perf_counter()
     result = run_slide(slide, out, config)
     wall = time.perf_counter() - t
-    rep = result.report_data
-    counts = rep["counts"]
-    task = rep["task_time_s"]
-    timings = rep["timings_s"]
-    post_write = task.get("post", 0.0) + timings.get("write", 0.0)
     return {
         "workers": workers,
-        "wall_s": round(wall, 3),
-        "prompter_tiles": counts["prompter_tiles"],
-        "segmentor_tiles": counts["segmentor_tiles"],
-        "nuclei": counts["nuclei"],
-        "tiles_per_s": round((counts["prompter_tiles"] + counts["segmentor_tiles"]) / wall, 2),
-        "nuclei_per_s": round(counts["nuclei"] / wall, 1),
-        "stage_s": timings,
-        "task_s": task,
-        "model_fraction_of_wall": rep["model_fraction_of_wall"],
-        "stitch_write_nuclei_per_s_per_core": round(counts["nuclei"] / max(post_write, 1e-9), 1),
+        **pipeline_figures(result.report_data, wall),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -129,9 +102,8 @@ def main() -> None:
     slides_dir = args.out / "slides"
     slides_dir.mkdir(exist_ok=True)
     record: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": __import__("os").cpu_count()},
+        "created": created(),
+        "machine": machine_info(),
         "model": args.model,
         "prompter": args.prompter,
         "tile_size": args.tile_size,
@@ -168,9 +140,7 @@ def main() -> None:
         for key, run in entry.items():
             if key.startswith("dask_"):
                 print(f"  {key}: {run['wall_s']} s, {run['tiles_per_s']} tiles/s, {run['nuclei_per_s']} nuclei/s")
-    path = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {write_record(record, args.out, 'bench')}")
 
 
 if __name__ == "__main__":
