@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -563,51 +564,37 @@ def _open_writers(
 def _write_reports(
     report: dict[str, Any], reader: Any, config: RunConfig, slide_mpp: float, paths: tuple[Path, Path, Path, Path]
 ) -> None:
-    """The report JSON, with tissue area, command line, models and outputs added, and its HTML page.
-
-    paths: (GeoJSON, Zarr, report JSON, report HTML) as `output_paths` gives them.
-    """
-    import sys
-
+    """The report JSON (tissue area, command line, models, outputs added) and its HTML page; paths as `output_paths`."""
     from wsiseg.writers.report import ReportSlide, record_run, write_report, write_report_html
+    from wsiseg.writers.zarr_store import open_nuclei
 
-    geojson_path, zarr_path, report_path, html_path = paths
     tissue = None
     try:  # the run's region again (a resumed run skipped it): same thumbnail, same result
         tissue = _tissue(reader, config, slide_mpp).polygons_l0
     except Exception as exc:  # noqa: BLE001 - the report goes without a tissue area then
-        log.warning("%s: tissue area for the report not measured: %s", report_path.name, exc)
-    outputs = {"geojson": geojson_path, "zarr": zarr_path, "report_json": report_path, "report_html": html_path}
-    record_run(report, command_line=sys.argv, tissue_l0=tissue, mpp=slide_mpp, outputs=outputs,
-               models=_model_versions(config))
-    write_report(report_path, report)
+        log.warning("%s: tissue area for the report not measured: %s", paths[2].name, exc)
+    outputs = dict(zip(("geojson", "zarr", "report_json", "report_html"), paths))
+    models = [_model_version(r, n) for r, n in (("model", config.model), ("prompter", config.prompter)) if n]
+    record_run(report, command_line=sys.argv, tissue_l0=tissue, mpp=slide_mpp, outputs=outputs, models=models)
+    write_report(paths[2], report)
     try:
-        from wsiseg.writers.zarr_store import open_nuclei
-
         thumb, downsample = reader.thumbnail(1024)
         slide = ReportSlide(thumb, downsample, reader.properties.size_l0, slide_mpp, tissue,
                             lambda x, y, w, h: reader.read_region((x, y), 0, (w, h)))
-        write_report_html(html_path, report, slide, open_nuclei(zarr_path))
+        write_report_html(paths[3], report, slide, open_nuclei(paths[1]))
     except Exception as exc:  # the HTML page is a convenience; never fail a finished run for it
-        log.warning("could not write %s: %s", html_path, exc)
+        log.warning("could not write %s: %s", paths[3], exc)
 
 
-def _model_versions(config: RunConfig) -> list[dict[str, Any]]:
-    """Role, name, version and sha256 of each model the run named (None where not a bundle)."""
+def _model_version(role: str, name: str) -> dict[str, Any]:
+    """Role, name, version and sha256 of a model the run named (None where it is not a bundle)."""
     from wsiseg.models.bundles import open_bundle
     from wsiseg.models.cache import resolve_model
 
-    out: list[dict[str, Any]] = []
-    for role, name in (("model", config.model), ("prompter", config.prompter)):
-        if name is None:
-            continue
-        entry: dict[str, Any] = {"role": role, "name": name, "version": None, "sha256": None}
-        try:
-            target = resolve_model(name)
-            if target != "classical" and not Path(target).is_file():
-                bundle = open_bundle(target)
-                entry.update(version=bundle.manifest.version, sha256=bundle.sha256)
-        except (ValueError, OSError, LookupError):
-            pass
-        out.append(entry)
-    return out
+    entry: dict[str, Any] = {"role": role, "name": name, "version": None, "sha256": None}
+    with suppress(ValueError, OSError, LookupError):  # not a bundle: no version, no sha256
+        target = resolve_model(name)
+        if target != "classical" and not Path(target).is_file():
+            bundle = open_bundle(target)
+            entry.update(version=bundle.manifest.version, sha256=bundle.sha256)
+    return entry

@@ -1,43 +1,64 @@
-"""Per-slide run report: a JSON file and a self-contained HTML page.
+"""Per-slide run report: a JSON file and a self-contained HTML page a pathologist can open.
 
-The report is a plain JSON-compatible dict built by the pipeline.  The HTML page shows
-its top-level scalars as a summary table, every mapping as a key-value table (titled by
-its key; ``timings_s`` = stage -> seconds gets a per-stage share column, and its
-``total`` entry, when present, is the wall time) and every list as bullet points.
+The report is a plain JSON-compatible dict built by the pipeline; `record_run` adds what a
+reader needs to trust and repeat the run (tissue area, command line, date, software and model
+versions, output paths).  ``unreadable_tiles`` (UNREADABLE_TILES_KEY) lists the tiles the slide
+file could not decode, read as background (``--on-bad-tile skip``), each a mapping level,
+x_l0, y_l0, width_l0, height_l0 (level-0 px) and reason.
 
-``unreadable_tiles`` (UNREADABLE_TILES_KEY), when not empty, is shown first after the summary
-as a table: the tiles the slide file could not decode, read as background
-(``--on-bad-tile skip``), each a mapping level, x_l0, y_l0, width_l0, height_l0 (level-0 px)
-and reason.
-
-Images: the thumbnail (RGB uint8, H x W x 3) with one dot per nucleus coloured by
-class, and a nuclei-density heat map, both inlined as base64 PNG.  Centroids passed
-here are in *thumbnail* pixels (x, y), i.e. level-0 centroids divided by the
-thumbnail's downsample.
+The HTML page (`write_report_html`), top to bottom: the slide in one table (size, resolution
+and its source, tissue area, nuclei and nuclei per mm², model, date); warnings; the thumbnail
+with the tissue outline and lettered boxes where the crops are; the density map in nuclei per
+mm² of tissue with its colour bar; 4-6 crops at full resolution (level-0 pixels, magnified by
+whole numbers) with every nucleus outline drawn (densest, sparsest tissue, an edge nucleus,
+random); counts per class and histograms of area (µm²), score and haematoxylin OD per class;
+then the run: command line, date, software, models (name, version, sha256), parameters, output
+paths, counts and time per stage, unreadable tiles.  Images are PNG data URIs and the charts
+inline SVG: the page loads nothing and runs no script.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
+import platform
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["UNREADABLE_TILES_KEY", "density_map", "jsonable", "render_overlay", "write_report", "write_report_html"]
+__all__ = [
+    "UNREADABLE_TILES_KEY",
+    "ReportSlide",
+    "density_map",
+    "jsonable",
+    "record_run",
+    "report_warnings",
+    "tissue_area_mm2",
+    "write_report",
+    "write_report_html",
+]
 
 #: report key of the tiles read as background because the slide file could not decode them
 UNREADABLE_TILES_KEY = "unreadable_tiles"
-_TILE_COLUMNS = ("level", "x_l0", "y_l0", "width_l0", "height_l0", "reason")
-
-_UNCLASSIFIED_RGB = (0, 200, 0)
+#: A nucleus scoring below LOW_SCORE is doubtful; a slide where LOW_SCORE_SHARE or more of its
+#: nuclei are doubtful gets a warning.
+LOW_SCORE = 0.5
+LOW_SCORE_SHARE = 0.2
+#: Median nucleus areas outside this range (µm²) mean the resolution is probably wrong: human
+#: nuclei are about 4-16 µm across (Alberts et al., Molecular Biology of the Cell, 6th ed., ch. 1),
+#: i.e. 12-200 µm²; an mpp off by 2x moves the median area 4x.
+PLAUSIBLE_MEDIAN_AREA_UM2 = (12.0, 200.0)
+#: Finest resolution a brightfield scanner gives (µm/px); the coarsest is MAX_NUCLEUS_MPP.
+MIN_SCAN_MPP = 0.1
+#: Installed distributions whose versions the report records (when present).
+_SOFTWARE = ("numpy", "torch", "zarr", "tiffslide", "openslide-python", "openslide-bin", "pillow")
 
 
 def jsonable(obj: Any) -> Any:
@@ -83,9 +104,10 @@ def write_report(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Pat
 
 
 def density_map(centroids_thumb: np.ndarray, shape_hw: tuple[int, int], *, bin_px: int = 8) -> np.ndarray:
-    """Nuclei per bin on a grid over the thumbnail, (ceil(H/bin), ceil(W/bin)) float32.
+    """Nuclei per bin on a grid over a thumbnail, (ceil(H/bin), ceil(W/bin)) float32.
 
-    centroids_thumb: (N, 2) x, y in thumbnail pixels; points outside are ignored.
+    centroids_thumb: (N, 2) x, y in thumbnail pixels; points outside are ignored.  (The page's
+    map in nuclei per mm² of tissue is `wsiseg.writers.report_images.density_grid`.)
     """
     if bin_px < 1:
         raise ValueError(f"bin_px must be >= 1, got {bin_px}")
@@ -100,202 +122,168 @@ def density_map(centroids_thumb: np.ndarray, shape_hw: tuple[int, int], *, bin_p
     return counts.reshape(gh, gw).astype(np.float32)
 
 
-# Anchors of a perceptually ordered dark-blue -> teal -> yellow ramp (viridis-like), 0..1.
-_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+def tissue_area_mm2(tissue_l0: Any, mpp: float) -> float:
+    """Area of a shapely (Multi)Polygon in level-0 px, in mm² at `mpp` µm per level-0 px."""
+    if not mpp > 0:
+        raise ValueError(f"tissue_area_mm2 needs mpp > 0 µm/px, got {mpp}")
+    return float(tissue_l0.area) * mpp * mpp / 1e6
 
 
-def _colorize(values: np.ndarray) -> np.ndarray:
-    """(H, W) non-negative values -> (H, W, 3) uint8 via the ramp, scaled to the 99th percentile."""
-    v = np.asarray(values, np.float64)
-    top = float(np.percentile(v[v > 0], 99)) if (v > 0).any() else 1.0
-    t = np.clip(v / max(top, 1e-12), 0.0, 1.0) * (len(_RAMP) - 1)
-    anchors = np.arange(len(_RAMP))
-    rgb = np.stack([np.interp(t, anchors, _RAMP[:, c]) for c in range(3)], axis=-1)
-    return np.round(rgb).astype(np.uint8)
+def _software() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from wsiseg._version import __version__
+
+    found = {"wsiseg": __version__, "python": platform.python_version()}
+    for dist in _SOFTWARE:
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
-def render_overlay(
-    thumbnail_rgb: np.ndarray,
-    centroids_thumb: np.ndarray,
-    class_id: np.ndarray | None = None,
-    class_colors: Mapping[int, tuple[int, int, int]] | None = None,
+def record_run(
+    report: dict[str, Any],
     *,
-    radius_px: int = 1,
-) -> np.ndarray:
-    """The thumbnail with a filled disc of `radius_px` per nucleus, coloured by class.
+    command_line: Sequence[str] | None = None,
+    tissue_l0: Any = None,
+    mpp: float | None = None,
+    outputs: Mapping[str, str | os.PathLike[str]] | None = None,
+    models: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Add to `report` (in place; also returned) what a reader needs to trust and repeat the run.
 
-    thumbnail_rgb: (H, W, 3) uint8.  centroids_thumb: (N, 2) x, y thumbnail px.
-    class_id: (N,) ints (-1 or unknown ids drawn in a default green).  Returns a new array.
+    Keys: ``tissue_area_mm2`` (from tissue_l0, level-0 shapely geometry, at mpp µm/px; kept
+    when already there), ``command_line`` (shell-quoted argv) and ``working_directory``,
+    ``created`` (local ISO 8601 time), ``software`` (name -> version), ``outputs``
+    (name -> path) and ``models`` (each role, name, version, sha256).
     """
-    img = np.array(_as_rgb(thumbnail_rgb), copy=True)
-    h, w = img.shape[:2]
-    pts = np.asarray(centroids_thumb, np.float64).reshape(-1, 2)
-    finite = np.isfinite(pts).all(axis=1)
-    pts = pts[finite]
-    cx = np.floor(pts[:, 0]).astype(np.int64)
-    cy = np.floor(pts[:, 1]).astype(np.int64)
-    colors = np.tile(np.array(_UNCLASSIFIED_RGB, np.uint8), (len(pts), 1))
-    if class_id is not None and class_colors:
-        cid = np.asarray(class_id).reshape(-1)[finite]
-        for k, rgb in class_colors.items():
-            colors[cid == k] = np.asarray(rgb, np.uint8)
-    r = max(0, int(radius_px))
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dx * dx + dy * dy > r * r:
-                continue
-            x, y = cx + dx, cy + dy
-            ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-            img[y[ok], x[ok]] = colors[ok]
-    return img
+    import shlex
+
+    if report.get("tissue_area_mm2") is None and tissue_l0 is not None and mpp:
+        report["tissue_area_mm2"] = round(tissue_area_mm2(tissue_l0, mpp), 6)
+    if command_line:
+        report["command_line"] = shlex.join(str(a) for a in command_line)
+        report["working_directory"] = os.getcwd()
+    report.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    report["software"] = _software()
+    if outputs:
+        report["outputs"] = {k: os.fspath(v) for k, v in outputs.items()}
+    if models is not None:
+        report["models"] = [dict(m) for m in models]
+    return report
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"thumbnail_rgb must be (H, W, 3) uint8, got shape {a.shape}")
-    if a.dtype != np.uint8:
-        raise ValueError(f"thumbnail_rgb must be uint8, got {a.dtype}")
-    return a[:, :, :3]
+@dataclass(frozen=True)
+class ReportSlide:
+    """The slide as the HTML page shows it.
+
+    thumbnail_rgb: (H, W, 3) uint8; downsample: level-0 px per thumbnail px; size_l0: (width,
+    height) of level 0; mpp: µm per level-0 px (None: no physical units); tissue_l0: the tissue
+    region, a shapely (Multi)Polygon in level-0 px (None: unknown, every cell counts as tissue);
+    read_l0(x0, y0, width, height) -> (height, width, 3) uint8 level-0 pixels, for the crops.
+    """
+
+    thumbnail_rgb: np.ndarray
+    downsample: float
+    size_l0: tuple[int, int]
+    mpp: float | None
+    tissue_l0: Any = None
+    read_l0: Callable[[int, int, int, int], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.thumbnail_rgb)
+        if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
+            raise ValueError(f"ReportSlide.thumbnail_rgb must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
+        if not self.downsample > 0:
+            raise ValueError(f"ReportSlide.downsample must be > 0, got {self.downsample}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"ReportSlide.mpp must be > 0 µm/px or None, got {self.mpp}")
 
 
-def _png_data_uri(rgb: np.ndarray) -> str:
-    from PIL import Image
+def report_warnings(
+    report: Mapping[str, Any],
+    *,
+    n_nuclei: int,
+    n_edge: int,
+    low_score_share: float | None,
+    median_area_um2: float | None,
+    mpp: float | None,
+) -> list[str]:
+    """What a reader should know before trusting the slide's numbers, one sentence each."""
+    from wsiseg.readers.resolution import MAX_NUCLEUS_MPP
 
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    out = [str(w) for w in report.get("warnings", []) or []] if isinstance(report.get("warnings"), list) else []
+    unreadable = report.get(UNREADABLE_TILES_KEY)
+    if isinstance(unreadable, list) and unreadable:
+        k = len(unreadable)
+        out.append(
+            f"{k:,} {'tile' if k == 1 else 'tiles'} of the slide file could not be decoded and "
+            f"{'was' if k == 1 else 'were'} read as background: no nuclei were found there (listed below)."
+        )
+    if n_edge:
+        share = 100.0 * n_edge / max(n_nuclei, 1)
+        one = n_edge == 1
+        out.append(
+            f"{n_edge:,} {'nucleus' if one else 'nuclei'} ({share:.1f} %) reached the outer edge of "
+            f"{'its' if one else 'their'} tile and may be cut short; kept and flagged touches_edge "
+            "(a crop below shows one)."
+        )
+    if low_score_share is not None and low_score_share >= LOW_SCORE_SHARE:
+        out.append(
+            f"{100 * low_score_share:.0f} % of nuclei score below {LOW_SCORE}: the model is unsure on much of "
+            "this slide (staining, focus or tissue type it was not trained on); check the crops."
+        )
+    if mpp is not None and not MIN_SCAN_MPP <= mpp <= MAX_NUCLEUS_MPP:
+        out.append(
+            f"The resolution, {mpp:.4g} µm/px, is outside what scanners give for nuclei "
+            f"({MIN_SCAN_MPP}-{MAX_NUCLEUS_MPP} µm/px); if it is wrong, rerun with --mpp."
+        )
+    lo, hi = PLAUSIBLE_MEDIAN_AREA_UM2
+    if median_area_um2 is not None and n_nuclei >= 20 and not lo <= median_area_um2 <= hi:
+        out.append(
+            f"The median nucleus area is {median_area_um2:,.1f} µm², far from the usual {lo:.0f}-{hi:.0f} µm²: "
+            f"the slide's resolution ({fmt_mpp(mpp)}) may be wrong; if so, rerun with --mpp."
+        )
+    if n_nuclei == 0:
+        out.append("No nuclei were found: check the tissue outline and the region of interest.")
+    return out
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    if isinstance(value, (Mapping, list)):
-        return json.dumps(value, separators=(", ", ": "))
-    return str(value)
-
-
-def _kv_table(data: Mapping[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in data.items())
-    return f"<table>{rows}</table>"
-
-
-def _timings_table(timings: Mapping[str, Any]) -> str:
-    stages = {k: float(v) for k, v in timings.items() if k != "total" and isinstance(v, (int, float))}
-    total = timings.get("total")
-    total = float(total) if isinstance(total, (int, float)) else sum(stages.values())
-    rows = [
-        f"<tr><th>{html.escape(str(stage))}</th><td>{sec:,.2f} s</td>"
-        f"<td>{100.0 * sec / total if total > 0 else 0.0:.1f} %</td></tr>"
-        for stage, sec in stages.items()
-    ]
-    rows.append(f"<tr><th>total</th><td>{total:,.2f} s</td><td></td></tr>")
-    return "<table><tr><th>stage</th><th>time</th><th>share</th></tr>" + "".join(rows) + "</table>"
-
-
-def _unreadable_table(tiles: Sequence[Any]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in _TILE_COLUMNS)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(t.get(c, '')))}</td>" for c in _TILE_COLUMNS) + "</tr>"
-        for t in tiles
-        if isinstance(t, Mapping)
-    )
-    note = (
-        f"<p><b>{len(tiles):,} tiles of the slide file could not be decoded</b> and were read as background: "
-        "no nuclei were found there (coordinates in level-0 px).</p>"
-    )
-    return f"{note}<table><tr>{head}</tr>{rows}</table>"
-
-
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+def fmt_mpp(mpp: float | None) -> str:
+    return "unknown µm/px" if mpp is None else f"{mpp:.4g} µm/px"
 
 
 def write_report_html(
     path: str | os.PathLike[str],
     report: Mapping[str, Any],
-    thumbnail_rgb: np.ndarray,
-    centroids_thumb: np.ndarray,
-    class_id: np.ndarray | None = None,
+    slide: ReportSlide,
+    nuclei: Any = None,
     *,
     classes: Sequence[Any] | None = None,
-    density: np.ndarray | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write a self-contained HTML report (images inlined) to `path` atomically; returns the path.
+    """Write the self-contained HTML page (see the module docstring) to `path` atomically.
 
-    thumbnail_rgb: (H, W, 3) uint8.  centroids_thumb: (N, 2) x, y in thumbnail px.
-    class_id: (N,) class of each centroid.  classes: objects with `id`, `name`, `color`
-    (e.g. NucleusClass) or mappings with those keys, for dot colours and the legend
-    (default: ``report["classes"]`` when present).  density: (h, w) nuclei-density grid
-    at any resolution, shown stretched to the thumbnail width; from `density_map` when None.
+    nuclei: the run's nuclei, a `NucleiStore` (`wsiseg.writers.zarr_store.open_nuclei`) or any
+    object with ``__len__``, ``column(name)`` and ``query(x0, y0, x1, y1)`` (level-0 px), or
+    None.  classes: objects with `id`, `name`, `color` (NucleusClass) or mappings with those
+    keys; default: the store's, else ``report["classes"]``.  Returns the path.
     """
+    from wsiseg.writers.report_page import render_page
+
     data = jsonable(report)
-    thumb = _as_rgb(thumbnail_rgb)
     if classes is None:
-        classes = data.get("classes") if isinstance(data.get("classes"), list) else []
-    class_list = [_class_tuple(c) for c in classes]
-    overlay = render_overlay(thumb, centroids_thumb, class_id, {c[0]: c[2] for c in class_list})
-    heat = _colorize(np.asarray(density_map(centroids_thumb, thumb.shape[:2]) if density is None else density))
-    slide = data.get("slide")
-    name = title or str(slide.get("path", "") if isinstance(slide, dict) else slide or "") or "wsiseg report"
-    n_nuclei = len(np.asarray(centroids_thumb).reshape(-1, 2))
-    legend = "".join(
-        f'<span class="sw" style="background:rgb{rgb}"></span>{html.escape(n)} ' for _, n, rgb in class_list
-    )
-
-    parts = [f"<h1>{html.escape(Path(name).name or name)}</h1>"]
-    scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-    if scalars:
-        parts.append(_section("Summary", _kv_table(scalars)))
-    unreadable = data.get(UNREADABLE_TILES_KEY)
-    if isinstance(unreadable, list) and unreadable:
-        parts.append(_section("Unreadable tiles", _unreadable_table(unreadable)))
-    parts.append(
-        _section(
-            "Nuclei",
-            f'<div class="imgs"><figure><img alt="nuclei overlay" src="{_png_data_uri(overlay)}">'
-            f"<figcaption>{n_nuclei:,} nuclei {legend}</figcaption></figure>"
-            f'<figure><img alt="nuclei density" class="px" style="width:{thumb.shape[1]}px" '
-            f'src="{_png_data_uri(heat)}"><figcaption>nuclei density</figcaption></figure></div>',
-        )
-    )
-    for key, value in data.items():
-        title_ = key.replace("_", " ").capitalize()
-        if key == UNREADABLE_TILES_KEY:
-            continue  # shown above
-        if key == "timings_s" and isinstance(value, dict):
-            parts.append(_section("Timings per stage", _timings_table(value)))
-        elif isinstance(value, dict):
-            parts.append(_section(title_, _kv_table(value)))
-        elif isinstance(value, list) and value:
-            items = "".join(f"<li>{html.escape(_fmt(v))}</li>" for v in value)
-            parts.append(_section(title_, f"<ul>{items}</ul>"))
-
-    page = (
-        '<!DOCTYPE html><html><head><meta charset="utf-8">'
-        f"<title>{html.escape(name)}</title><style>{_CSS}</style></head><body>" + "".join(parts) + "</body></html>\n"
-    )
+        listed = data.get("classes")
+        classes = getattr(nuclei, "classes", None) or (listed if isinstance(listed, list) else [])
+    page = render_page(data, slide, nuclei, classes, title)
     path = Path(path)
     _atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
 
-def _class_tuple(c: Any) -> tuple[int, str, tuple[int, int, int]]:
-    if isinstance(c, Mapping):
-        return int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"])  # type: ignore[return-value]
-    return int(c.id), str(c.name), tuple(int(v) for v in c.color)  # type: ignore[return-value]
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
-    "table{border-collapse:collapse;margin:.3em 0}th,td{border:1px solid #ccc;padding:2px 8px;"
-    "text-align:left;vertical-align:top}th{background:#f4f4f4;font-weight:600}"
-    ".imgs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}img{max-width:100%;border:1px solid #ccc}"
-    "img.px{image-rendering:pixelated}.sw{display:inline-block;width:.8em;height:.8em;margin:0 .2em 0 .6em}"
-    "pre{background:#f8f8f8;padding:.5em;overflow:auto}"
-)
+def page_title(report: Mapping[str, Any], title: str | None) -> str:
+    slide = report.get("slide")
+    name = title or str(slide.get("path", "") if isinstance(slide, Mapping) else slide or "") or "wsiseg report"
+    return html.escape(Path(name).name or name)
