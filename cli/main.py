@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any, NoReturn, Sequence
 
@@ -169,6 +170,10 @@ def _run_options(f: Any) -> Any:
         click.option("--workers", type=int, default=None, help="Local Dask workers (default: CPU cores)."),
         click.option("--scheduler", default=None,
                      help="'synchronous' (no Dask, for debugging) or a Dask scheduler address tcp://host:8786."),
+        click.option("--cluster", type=click.Choice(["slurm"]), default=None,
+                     help="Run the Dask workers as SLURM jobs (needs --cluster-config; docs/cluster.md)."),
+        click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="YAML or TOML file: queue, account, cores, memory, gpus, walltime, jobs per SLURM job."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
                      help="auto: CUDA when a GPU is present, else the CPU."),
         click.option("--gpus", type=int, default=0, show_default=True, help="One Dask worker per GPU."),
@@ -192,6 +197,7 @@ def _run_options(f: Any) -> Any:
 
 
 def _config(**kw: Any) -> Any:
+    from wsiseg.cluster import cluster_from_options
     from wsiseg.pipeline import RunConfig
     from wsiseg.scheduling import SchedulerConfig
 
@@ -213,7 +219,8 @@ def _config(**kw: Any) -> Any:
         min_score=kw["min_score"],
         batch_tiles=kw["batch_tiles"],
         on_bad_tile=kw["on_bad_tile"],
-        scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"]),
+        scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"],
+                                  cluster=cluster_from_options(kw["cluster"], kw["cluster_config"])),
     )
 
 
@@ -240,7 +247,8 @@ def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
     from wsiseg.pipeline import run_slide
     from wsiseg.slide_manifest import entry_config, requested_output_names
     from wsiseg.summary import write_summary
-    from wsiseg.scheduling import Runner
+    from wsiseg.disk_space import disk_full_error, is_disk_full
+    from wsiseg.scheduling import Runner, SchedulerError
     from wsiseg.cohort import Ledger, output_names, slide_stem
     from wsiseg.pipeline import completed_outputs
 
@@ -251,7 +259,12 @@ def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
         return 2
     failed = 0
     ledger = Ledger(out_dir, slides)
-    with Runner(config.scheduler) as runner:
+    with ExitStack() as stack:
+        try:
+            runner = stack.enter_context(Runner(config.scheduler))
+        except SchedulerError as exc:  # an unreachable scheduler, no sbatch: nothing ran
+            _fail(str(exc), log_path)
+            return 1
         for slide in slides:
             name = names[slide]
             entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
@@ -271,9 +284,13 @@ def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
             except Exception as exc:  # one bad slide never stops the others
                 failed += 1
                 log.debug("%s failed", slide, exc_info=True)
+                if is_disk_full(exc):  # wherever it struck: name the disk and its free space
+                    exc = disk_full_error(exc, out_dir)
                 message = _slide_failure(slide, exc)
                 ledger.mark(slide, "failed", reason=message)
                 _fail(message, log_path)
+                if isinstance(exc, SchedulerError):  # no further slide can run: stop, the rest stay pending
+                    break
                 continue
             counts = result.report_data.get("counts", {})
             n_nuclei = int(counts.get("nuclei", result.n_nuclei))  # the report's count

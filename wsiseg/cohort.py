@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
+
+from wsiseg.disk_space import disk_full_error, is_disk_full
+
+log = logging.getLogger(__name__)
 
 LEDGER_NAME = "wsiseg-ledger.json"
 STATES = ("pending", "running", "done", "skipped", "failed")
@@ -58,10 +63,18 @@ class Ledger:
         return out
 
     def _save(self) -> None:
+        """Write the ledger atomically.  On a full disk the previous file stays as it was (a
+        warning names the disk; the states are saved with the next `mark` that finds room)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps({"slides": self.entries, "counts": self.counts()}, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"slides": self.entries, "counts": self.counts()}, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            tmp.unlink(missing_ok=True)
+            log.warning("%s not updated: %s", self.path, disk_full_error(exc, tmp))
 
 
 def slide_stem(path: Path) -> str:

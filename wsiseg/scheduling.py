@@ -7,6 +7,11 @@ window whatever the slide size, and downstream writers see a deterministic order
 A LocalCluster starts its dashboard on a free port (never a warning about 8787 being taken)
 and, given `SchedulerConfig.worker_log`, its worker processes log to that file instead of the
 terminal (`dask_setup`, Dask's preload hook, runs in each worker as it starts).
+
+On an existing scheduler (`tcp://…`) or a SLURM cluster (`SchedulerConfig.cluster`, see
+`wsiseg.cluster`), a scheduler that cannot be reached, or that goes away mid-run, raises
+`SchedulerError` with one line saying how to resume, within Dask's connect timeout
+(`distributed.comm.timeouts.connect`, 30 s by default): the client tries to reconnect that long.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from wsiseg.cluster import SlurmConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,11 @@ R = TypeVar("R")
 
 #: environment variable that tells a local worker process where to log (see `dask_setup`)
 WORKER_LOG_ENV = "WSISEG_WORKER_LOG"
+
+
+class SchedulerError(RuntimeError):
+    """The Dask scheduler cannot be reached, or went away mid-run; no slide can run without it.
+    The message (one line) names the scheduler and how to resume."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,9 @@ class SchedulerConfig:
         warnings and task tracebacks included) instead of writing them to the terminal;
         None leaves Dask's own logging as it is.  Workers of an existing cluster log where
         that cluster says.
+    cluster: SLURM jobs as workers (`wsiseg.cluster.SlurmConfig`): the scheduler runs in this
+        process and the jobs are cancelled when the Runner closes.  Excludes `scheduler`,
+        `workers` and `gpus` (the config file says how many jobs, processes and GPUs).
     """
 
     scheduler: str | None = None
@@ -50,6 +66,7 @@ class SchedulerConfig:
     gpus: int = 0
     max_in_flight: int | None = None
     worker_log: Path | None = None
+    cluster: SlurmConfig | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -59,6 +76,12 @@ class SchedulerConfig:
         s = self.scheduler
         if s is not None and s != "synchronous" and "://" not in s:
             raise ValueError(f"--scheduler must be 'synchronous' or an address like tcp://host:8786, got {s!r}")
+        if self.cluster is not None:
+            for given, option in ((s is not None, "--scheduler"), (self.workers is not None, "--workers"),
+                                  (self.gpus > 0, "--gpus")):
+                if given:
+                    raise ValueError(f"{option} does not go with --cluster slurm: the cluster config file sets "
+                                     "the jobs, processes and GPUs")
 
 
 class Runner:
@@ -78,7 +101,18 @@ class Runner:
             return self
         from dask.distributed import Client
 
-        if cfg.scheduler is None:
+        expected = 0
+        if cfg.cluster is not None:
+            from wsiseg.cluster import start_slurm_cluster
+
+            try:
+                self._cluster = start_slurm_cluster(cfg.cluster)
+            except (ImportError, RuntimeError) as exc:
+                raise SchedulerError(str(exc)) from exc
+            self._client = Client(self._cluster)
+            expected = cfg.cluster.expected_workers  # the jobs join while SLURM starts them
+            log.info("SLURM cluster: %d jobs' workers requested; tasks wait for them", expected)
+        elif cfg.scheduler is None:
             n = cfg.workers or max(1, os.cpu_count() or 1)
             with _worker_environment():
                 self._cluster = self._local_cluster(n)
@@ -86,8 +120,14 @@ class Runner:
                     self._add_gpu_workers(cfg.gpus)
             self._client = Client(self._cluster)
         else:
-            self._client = Client(cfg.scheduler, timeout="20s")
-        self.n_workers = max(1, len(self._client.scheduler_info().get("workers", {})))
+            try:
+                self._client = Client(cfg.scheduler)  # waits distributed.comm.timeouts.connect
+            except OSError as exc:
+                raise SchedulerError(
+                    f"cannot reach the Dask scheduler at {cfg.scheduler} ({' '.join(str(exc).split())}); "
+                    "start it and its workers (docs/cluster.md) or check --scheduler"
+                ) from exc
+        self.n_workers = max(1, expected, len(self._client.scheduler_info().get("workers", {})))
         self.dashboard = getattr(self._client, "dashboard_link", None)
         log.info("Dask client %s with %d workers; dashboard %s", self._client, self.n_workers, self.dashboard)
         return self
@@ -160,8 +200,8 @@ class Runner:
             return
         window = self.config.max_in_flight or 2 * self.n_workers + 1
         pending: deque[Any] = deque()
-        scattered = [self._client.scatter(a, broadcast=True) if _is_large(a) else a for a in args]
         try:
+            scattered = [self._client.scatter(a, broadcast=True) if _is_large(a) else a for a in args]
             for item in items:
                 fut = item
                 for stage in stages:
@@ -171,9 +211,32 @@ class Runner:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        except Exception as exc:
+            if self.scheduler_lost():
+                raise self._lost_error() from exc
+            raise
         finally:
-            for fut in pending:
-                fut.cancel()
+            if not self.scheduler_lost():
+                for fut in pending:
+                    fut.cancel()
+
+    def scheduler_lost(self) -> bool:
+        """True once the Dask client has given up on its scheduler (it closes itself after
+        trying to reconnect for distributed.comm.timeouts.connect)."""
+        return self._client is not None and self._client.status in ("closing", "closed")
+
+    def _lost_error(self) -> SchedulerError:
+        import dask
+        from dask.utils import parse_timedelta
+
+        address = self.config.scheduler
+        where = f"the Dask scheduler at {address}" if address else "the Dask scheduler"
+        fix = "start the scheduler and its workers again and " if address else ""
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        return SchedulerError(
+            f"lost {where} mid-run (no answer for {timeout:g} s); {fix}rerun the same command: "
+            "finished slides are kept and the interrupted one resumes"
+        )
 
     def _resources(self, stage: Stage) -> dict[str, float] | None:
         if not self.config.gpus:

@@ -34,6 +34,7 @@ from typing import IO, Any, Literal
 import numpy as np
 import shapely
 
+from wsiseg.disk_space import names_full_disk
 from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import NucleusTable
 from wsiseg.writers.report import jsonable
@@ -136,6 +137,7 @@ class GeoJSONWriter(StreamingWriter):
     seed: seeds the UUID generator (same seed + same input = same file); None = random.
     """
 
+    @names_full_disk  # a full disk: one line naming it and its free space
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -215,6 +217,7 @@ class GeoJSONWriter(StreamingWriter):
             self._out.close()
 
     # -- public API ------------------------------------------------------------------
+    @names_full_disk  # a full disk: one line naming it and its free space
     def write(self, table: NucleusTable) -> None:
         """Append the nuclei of `table` (level-0 px).  Invalid polygons are repaired or dropped."""
         if self._closed:
@@ -241,6 +244,7 @@ class GeoJSONWriter(StreamingWriter):
             self._n_written += len(chunk)
             start += len(chunk)
 
+    @names_full_disk  # a full disk: one line naming it and its free space
     def close(self) -> GeoJSONSummary:
         """Finish the file and rename it onto `path`.  Returns what was written."""
         if self._closed:

@@ -44,6 +44,7 @@ import shapely
 import zarr
 
 from wsiseg._version import __version__
+from wsiseg.disk_space import names_full_disk
 from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import MEASUREMENTS, NucleusTable
 from wsiseg.readers.base import SlideProperties
@@ -107,9 +108,16 @@ class _Spool:
         self.rows[name] += len(arr)
 
     def close(self) -> None:
+        """Close every file, even when one's last flush fails (a full disk); then raise that error."""
+        errors: list[OSError] = []
         for fh in self._files.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError as exc:
+                errors.append(exc)
         self._files.clear()
+        if errors:
+            raise errors[0]
 
     def load(self, name: str) -> np.ndarray:
         """The column as a read-only memmap (empty array when nothing was appended)."""
@@ -182,6 +190,7 @@ class ZarrWriter(StreamingWriter):
     refuse at construction).
     """
 
+    @names_full_disk  # a full disk: one line naming it and its free space
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -226,12 +235,17 @@ class ZarrWriter(StreamingWriter):
         }
         self.partial = self.path.with_name(f"{self.path.name}.partial-{uuid.uuid4().hex[:12]}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._root: Any = zarr.create_group(str(self.partial), zarr_format=3, attributes={"wsiseg": self._provenance})
-        self._spool = _Spool(self.partial / "_spool")
+        try:
+            self._root: Any = zarr.create_group(str(self.partial), zarr_format=3, attributes={"wsiseg": self._provenance})
+            self._spool = _Spool(self.partial / "_spool")
+        except BaseException:  # e.g. a full disk: leave nothing behind
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
         self._measurements: tuple[str, ...] | None = None
         self._n = self._rings = self._coords = 0
         self._closed = False
 
+    @names_full_disk  # a full disk: one line naming it and its free space
     def write(self, table: NucleusTable) -> None:
         """Append the nuclei of `table`; label ids continue from the previous batch."""
         if self._closed:
@@ -268,6 +282,7 @@ class ZarrWriter(StreamingWriter):
         self._coords += len(table.coords)
 
     # -- finishing -------------------------------------------------------------------
+    @names_full_disk  # a full disk: one line naming it and its free space
     def close(self, extra_attributes: Mapping[str, Any] | None = None) -> Path:
         """Sort, write the table and the label pyramid, mark complete, rename; returns the store path.
 
@@ -301,7 +316,10 @@ class ZarrWriter(StreamingWriter):
     def abort(self) -> None:
         """Discard the partial store; nothing remains under the final or the temporary name."""
         self._closed = True
-        self._spool.close()
+        try:
+            self._spool.close()
+        except OSError:  # e.g. the disk is full: the files are discarded anyway
+            pass
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def _publish(self) -> None:
