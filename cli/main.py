@@ -7,11 +7,12 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import click
 
 from wsiseg._version import __version__
+from wsiseg.cli.progress import Progress
 
 log = logging.getLogger("wsiseg")
 
@@ -68,43 +69,6 @@ def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | N
         h.wsiseg_cli = True  # type: ignore[attr-defined]
         root.addHandler(h)
     return log_path
-
-
-class Progress:
-    """One line per slide and stage on stderr: tiles done / total, what the stage has counted so
-    far, ETA.  The prompter stage counts the points it found (before the score and tissue
-    filters and point NMS: the report's `points_found`); the segmentor stage counts nuclei, and
-    its last line's count is the report's `nuclei`."""
-
-    #: what each stage's running count is
-    UNITS = {"prompter": "points", "segmentor": "nuclei"}
-
-    def __init__(self, name: str, enabled: bool, stream: IO[str] | None = None) -> None:
-        self.name = name
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled and self.stream.isatty()
-        self.start = time.monotonic()
-        self.stage_start: dict[str, float] = {}
-        self.last = 0.0
-
-    def __call__(self, stage: str, done: int, total: int, count: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        t0 = self.stage_start.setdefault(stage, now)
-        if now - self.last < 0.1 and done < total:
-            return
-        self.last = now
-        frac = done / total if total else 1.0
-        eta = (now - t0) / frac * (1 - frac) if frac > 0 else 0.0
-        bar = "#" * int(24 * frac)
-        unit = self.UNITS.get(stage, "found")
-        self.stream.write(
-            f"\r{self.name[:28]:28s} {stage:9s} [{bar:24s}] {done}/{total} tiles  {count:,} {unit}  ETA {eta:5.0f}s"
-        )
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _fail(message: str, log_path: Path | None) -> None:
@@ -188,6 +152,9 @@ def _run_options(f: Any) -> Any:
                      "the tile) or skip (paint it as background and list it in the report)."),
         click.option("--overwrite", is_flag=True, help="Redo slides whose complete outputs already exist."),
         click.option("--batch-tiles", type=int, default=8, show_default=True, help="Tiles per task."),
+        click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Append the run's events to FILE as JSON lines, for machines: start, each slide's "
+                     "start, progress, result or failure, end."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors only."),
         click.option("-v", "--verbose", is_flag=True, help="Log details to the terminal too."),
     ]
@@ -244,6 +211,23 @@ def _prepare(out_dir: Path, kw: dict[str, Any]) -> Any:
 
 def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, Any], log_path: Path | None,
                 entries: Sequence[Any] = ()) -> int:
+    """Run every slide (one failure never stops the others), write the summary, return the exit
+    code.  The terminal shows `Progress`; `--log FILE` receives the events of wsiseg.cli.event_log
+    (a file that cannot be opened is a usage error, before any slide)."""
+    from wsiseg.cli.event_log import EventLog
+
+    log_file: Path | None = kw.get("log_file")
+    try:
+        events = EventLog(log_file)
+    except OSError as exc:
+        _usage_error(f"--log {log_file}: cannot open it for writing ({exc.strerror or exc}); give a file in a "
+                     "writable folder")
+    with events:
+        return _run_cohort(slides, out_dir, config, kw, log_path, entries, events)
+
+
+def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, Any], log_path: Path | None,
+                entries: Sequence[Any], events: Any) -> int:
     from wsiseg.pipeline import run_slide
     from wsiseg.slide_manifest import entry_config, requested_output_names
     from wsiseg.summary import write_summary
@@ -252,61 +236,110 @@ def _run_slides(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
     from wsiseg.cohort import Ledger, output_names, slide_stem
     from wsiseg.pipeline import completed_outputs
 
+    quiet = kw["quiet"]
+    t_run = time.monotonic()
+    tally = {"done": 0, "skipped": 0, "failed": 0}  # this run's slides
+    events.emit("run_start", argv=sys.argv, version=__version__, out=out_dir, slides=len(slides),
+                parameters=config.parameters(), overwrite=kw["overwrite"],
+                scheduler=kw["scheduler"] or ("slurm" if kw["cluster"] else "local"))
+
+    def finish(code: int) -> int:
+        events.emit("run_end", **tally, pending=len(slides) - sum(tally.values()), exit_code=code,
+                    seconds=round(time.monotonic() - t_run, 3))
+        return code
+
     try:
         names = requested_output_names(output_names(slides, out_dir), entries, out_dir)
     except ValueError as exc:
         _fail(str(exc), None)
-        return 2
-    failed = 0
+        return finish(2)
     ledger = Ledger(out_dir, slides)
+    progress = Progress(enabled=not quiet, slides_total=len(slides))
     with ExitStack() as stack:
         try:
             runner = stack.enter_context(Runner(config.scheduler))
         except SchedulerError as exc:  # an unreachable scheduler, no sbatch: nothing ran
             _fail(str(exc), log_path)
-            return 1
-        for slide in slides:
+            return finish(1)
+        if runner.distributed:
+            events.emit("cluster_start", dashboard=runner.dashboard, workers=runner.n_workers)
+            if runner.dashboard and not quiet:
+                click.echo(f"Dask dashboard: {runner.dashboard}")
+        stack.callback(progress.clear)
+        _clear_progress_before_log_records(stack, progress)
+        for index, slide in enumerate(slides, 1):
             name = names[slide]
             entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
             slide_config = entry_config(config, entry)
-            if name not in (slide_stem(slide), entry and entry.output_name) and not kw["quiet"]:
+            if name not in (slide_stem(slide), entry and entry.output_name) and not quiet:
                 click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
             done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
             if done is not None:
                 ledger.mark(slide, "skipped", report=str(done))
-                if not kw["quiet"]:
+                tally["skipped"] += 1
+                progress.end_slide("skipped")
+                events.emit("slide_skipped", slide, reason="already done", report=done)
+                if not quiet:
                     click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
                 continue
-            progress = Progress(slide.name, not kw["quiet"])
             ledger.mark(slide, "running")
+            progress.start_slide(slide.name)
+            events.emit("slide_start", slide, index=index, total=len(slides), output_name=name)
+
+            def report(stage: str, done: int, total: int, count: int, slide: Path = slide) -> None:
+                progress(stage, done, total, count)
+                events.progress(slide, stage, done, total, count)
+
+            t_slide = time.monotonic()
             try:
-                result = run_slide(slide, out_dir, slide_config, runner=runner, progress=progress, output_name=name)
+                result = run_slide(slide, out_dir, slide_config, runner=runner, progress=report, output_name=name)
             except Exception as exc:  # one bad slide never stops the others
-                failed += 1
+                tally["failed"] += 1
                 log.debug("%s failed", slide, exc_info=True)
                 if is_disk_full(exc):  # wherever it struck: name the disk and its free space
                     exc = disk_full_error(exc, out_dir)
                 message = _slide_failure(slide, exc)
                 ledger.mark(slide, "failed", reason=message)
+                progress.end_slide("failed")
+                events.emit("slide_failed", slide, reason=message, seconds=round(time.monotonic() - t_slide, 3))
                 _fail(message, log_path)
                 if isinstance(exc, SchedulerError):  # no further slide can run: stop, the rest stay pending
                     break
                 continue
             counts = result.report_data.get("counts", {})
             n_nuclei = int(counts.get("nuclei", result.n_nuclei))  # the report's count
+            bad = int(counts.get("unreadable_tiles", 0))
             ledger.mark(slide, "done", nuclei=n_nuclei, report=str(result.report))
-            if not kw["quiet"]:
-                bad = counts.get("unreadable_tiles", 0)
+            tally["done"] += 1
+            progress.end_slide("done")
+            events.emit("slide_done", slide, nuclei=n_nuclei, seconds=round(time.monotonic() - t_slide, 3),
+                        unreadable_tiles=bad, outputs={"geojson": result.geojson, "zarr": result.zarr,
+                                                       "report": result.report, "report_html": result.report_html})
+            if not quiet:
                 note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
                 click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
-    if len(slides) > 1 and not kw["quiet"]:
+    if len(slides) > 1 and not quiet:
         counts = ledger.counts()
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed ({ledger.path})")
     try:
         write_summary(out_dir)  # OUT/summary.csv and summary.html, failures first
     except OSError as exc:
         _fail(f"could not write the summary in {out_dir}: {exc}", log_path)
-    return 1 if failed else 0
+    return finish(1 if tally["failed"] else 0)
+
+
+def _clear_progress_before_log_records(stack: ExitStack, progress: Progress) -> None:
+    """While the run lasts, a record the terminal shows (a warning) first erases the unfinished
+    progress line, so that it starts on a line of its own."""
+
+    def clear(record: logging.LogRecord) -> bool:
+        progress.clear()
+        return True
+
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "wsiseg_cli", False) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(clear)
+            stack.callback(handler.removeFilter, clear)
 
 
 @main.command()
