@@ -62,7 +62,7 @@ def main() -> None:
             pred = watershed(-maps[DISTANCE], markers, mask=maps[FOREGROUND] > fg)
             scores.append(score_instances(pred, labels, mpp=recipe.mpp))
         m = mean_scores(scores)
-        print(f"core {core:.1f} fg {fg:.1f}: PQ {m['pq']:.4f} AJI {m['aji']:.4f} F1 {m['f1_detection']:.4f} "
+        print(f"core {core:.2f} fg {fg:.2f}: PQ {m['pq']:.4f} AJI {m['aji']:.4f} F1 {m['f1_detection']:.4f} "
               f"precision {m['precision']:.3f} recall {m['recall']:.3f}", flush=True)
 
 
