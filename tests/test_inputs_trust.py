@@ -16,6 +16,7 @@ import shapely
 import tifffile
 from click.testing import CliRunner
 from PIL import Image
+from scipy.spatial import cKDTree
 
 import wsiseg.readers
 from wsiseg.cli.main import main
@@ -23,7 +24,6 @@ from wsiseg.pipeline import RunConfig, run_slide
 from wsiseg.readers import (
     BACKENDS,
     MissingMppError,
-    NonSquarePixelsError,
     NotBrightfieldError,
     ScaledSlide,
     UnsupportedSlideError,
@@ -338,19 +338,38 @@ def test_fluorescence_like_image_is_refused_by_tissue_detection() -> None:
 # --- 6. non-square pixels ----------------------------------------------------------------------
 
 
-def test_non_square_pixels_are_refused_naming_the_fix(tmp_path: Path) -> None:
+def test_non_square_pixels_are_resampled_per_axis_and_measured_in_square_microns(tmp_path: Path) -> None:
+    # a synthetic slide scanned at 0.25 x 0.5 µm/px: every second row of a 0.25 µm/px render
+    spec = SyntheticSpec(768, 768, mpp=0.25, seed=21, tissue_fraction=1.0)
+    truth = make_nuclei(spec)
+    square = render_region(spec, truth, 0, 0, 768, 768)
+    pixels = ((square[0::2].astype(np.uint16) + square[1::2]) // 2).astype(np.uint8)
     path = tmp_path / "anisotropic.tif"
-    pixels = np.full((512, 512, 3), 200, np.uint8)
     cm = {"tile": (256, 256), "photometric": "rgb", "resolutionunit": "CENTIMETER"}
     tifffile.imwrite(path, pixels, resolution=(4e4, 2e4), **cm)
     slide = open_slide(path)
     assert slide.properties.mpp == pytest.approx((0.25, 0.5))
-    with pytest.raises(NonSquarePixelsError, match="not square.*resample") as info:
-        ScaledSlide(slide, 0.5)
-    assert "\n" not in str(info.value)
-    nearly = tmp_path / "nearly-square.tif"
-    tifffile.imwrite(nearly, pixels, resolution=(4e4, 4e4 / 1.005), **cm)
-    assert ScaledSlide(open_slide(nearly), 0.5).scale == pytest.approx(2.0, rel=0.01)
+    scaled = ScaledSlide(slide, 0.5)
+    assert scaled.scale_xy == pytest.approx((2.0, 1.0)) and scaled.size_px == (384, 384)
+    np.testing.assert_allclose(scaled.to_l0([[10.0, 10.0]]), [[20.0, 10.0]])
+
+    out = tmp_path / "out"
+    config = RunConfig(model="classical", tissue_detection=False, scheduler=SchedulerConfig(scheduler="synchronous"))
+    table = open_nuclei(run_slide(path, out, config).zarr).table()
+    centres = truth.centers_l0 * np.array([1.0, 0.5])  # the true centres in this slide's level 0
+    inside = (centres[:, 0] > 12) & (centres[:, 0] < 756) & (centres[:, 1] > 6) & (centres[:, 1] < 378)
+    distance, _ = cKDTree(table.centroid_l0).query(centres[inside])
+    assert np.mean(distance < 4) > 0.9  # found where they are, in the anisotropic frame
+    # areas in µm²: each axis' own scale (an averaged mpp would give 0.375² per px, +12.5 %)
+    a, b = truth.semi_axes_l0[inside].T * spec.mpp
+    true_area = np.median(np.pi * a * b)
+    assert np.median(table.measurements["area_um2"]) == pytest.approx(true_area, rel=0.12)
+    square_path = tmp_path / "square.tif"
+    tifffile.imwrite(square_path, square, resolution=(4e4, 4e4), **cm)
+    square_table = open_nuclei(run_slide(square_path, tmp_path / "sq", config).zarr).table()
+    assert np.median(table.measurements["area_um2"]) == pytest.approx(
+        np.median(square_table.measurements["area_um2"]), rel=0.06)
+    assert abs(len(table) - len(square_table)) <= 0.05 * len(square_table)
 
 
 # --- 11. non-brightfield pixels ----------------------------------------------------------------

@@ -524,12 +524,12 @@ def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:
 
 
 def _tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:
-    s = scaled.scale
+    sx, sy = scaled.scale_xy
     x0 = max(spec.own_x0, spec.x0) if math.isfinite(spec.own_x0) else spec.x0
     y0 = max(spec.own_y0, spec.y0) if math.isfinite(spec.own_y0) else spec.y0
     x1 = spec.own_x1 if math.isfinite(spec.own_x1) else spec.x0 + spec.size
     y1 = spec.own_y1 if math.isfinite(spec.own_y1) else spec.y0 + spec.size
-    return bool(tissue.intersects_box_l0(x0 * s, y0 * s, x1 * s, y1 * s))
+    return bool(tissue.intersects_box_l0(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
 
 
 def _open_writers(
@@ -555,7 +555,7 @@ def _open_writers(
         height=props.size_l0[1],
         classes=classes,
         provenance=provenance,
-        label_mpp=(slide_mpp, slide_mpp),
+        label_mpp=(float(props.mpp[0]), float(props.mpp[1])) if props.mpp else (slide_mpp, slide_mpp),
         write_labels=config.write_labels,
     )
     return [gj, zw]

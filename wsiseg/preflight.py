@@ -305,12 +305,12 @@ def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int],
         pplan = plan_prompter_tiles(width, height, tile_px, _prompter_overlap(run_config, prompter, tile_px))
         n_prompter = sum(_tile_in_tissue(pplan.tile(i), tissue, scaled) for i in range(pplan.count))
     splan = plan_segmentor_tiles(width, height, tile_px, halo_px)
-    s, block = scaled.scale, splan.stride_px
+    (sx, sy), block = scaled.scale_xy, splan.stride_px
     n_segmentor = 0
     for i in range(splan.count):
         t = splan.tile(i)  # the block a segmentor tile owns (finite, unlike a prompter core)
-        x0, y0 = t.col * block * s, t.row * block * s
-        n_segmentor += tissue.intersects_box_l0(x0, y0, x0 + block * s, y0 + block * s)
+        x0, y0 = t.col * block * sx, t.row * block * sy
+        n_segmentor += tissue.intersects_box_l0(x0, y0, x0 + block * sx, y0 + block * sy)
     return n_prompter, n_segmentor
 
 

@@ -97,7 +97,7 @@ def stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) 
 
     t0 = time.perf_counter()
     slide = slide_spec.open()
-    transform = FrameTransform(scale=slide.scale, mpp=slide.mpp, clip_l0=clip_box(slide.reader.properties))
+    transform = FrameTransform(scale=slide.scale_xy, mpp=slide.mpp, clip_l0=clip_box(slide.reader.properties))
     min_area = max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp)))
     tables = [
         stitch_tile(

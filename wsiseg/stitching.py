@@ -12,6 +12,7 @@ equals its pixel count; level-0 polygons are clipped to the slide (and its bound
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -26,11 +27,12 @@ _EMPTY_RING = np.zeros((0, 2), np.int64)
 
 @dataclass(frozen=True)
 class FrameTransform:
-    """Working frame -> level-0: l0 = (tile_origin + px) * scale; mpp of a working pixel;
-    clip_l0: (x0, y0, x1, y1) level-0 box polygons are clipped to (the slide, or its bounds
-    box), None for no clipping."""
+    """Working frame -> level-0: l0 = (tile_origin + px) * scale, scale one number or (x, y)
+    per axis (a slide with non-square pixels); mpp of a (square) working pixel; clip_l0:
+    (x0, y0, x1, y1) level-0 box polygons are clipped to (the slide, or its bounds box), None
+    for no clipping."""
 
-    scale: float
+    scale: float | tuple[float, float]
     mpp: float
     clip_l0: tuple[float, float, float, float] | None = None
 
@@ -158,11 +160,11 @@ def stitch_tile(
     if not rows:
         return NucleusTable.empty()
     idx = np.asarray(rows)
-    s = transform.scale
+    s = np.broadcast_to(np.asarray(transform.scale, np.float64), (2,))
     polys_w, polys_l0 = _polygons(rings, (1.0, s))
     if transform.clip_l0 is not None:
         box = np.asarray(transform.clip_l0, np.float64)
-        polys_w, polys_l0 = _clip(polys_w, box / s), _clip(polys_l0, box)
+        polys_w, polys_l0 = _clip(polys_w, box / np.tile(s, 2)), _clip(polys_l0, box)
         keep = ~shapely.is_empty(polys_l0)
         if not keep.all():
             polys_w, polys_l0, idx, mom = polys_w[keep], polys_l0[keep], idx[keep], np.asarray(moments)[keep]
@@ -215,7 +217,7 @@ def _clip(polys: np.ndarray, box: np.ndarray) -> np.ndarray:
     return polys
 
 
-def _polygons(rings: list[np.ndarray], scales: tuple[float, ...]) -> list[np.ndarray]:
+def _polygons(rings: list[np.ndarray], scales: tuple[Any, ...]) -> list[np.ndarray]:
     """Closed single-ring shapely Polygons from open vertex rings, once per scale factor."""
     lengths = np.array([len(r) + 1 for r in rings])
     ring_offsets = np.concatenate([[0], np.cumsum(lengths)])

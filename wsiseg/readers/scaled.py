@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.readers.base import NonSquarePixelsError, SlideReader, require_mpp
+from wsiseg.readers.base import SlideReader, require_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,17 @@ def axis_weights(start: int, count: int, ratio: float) -> tuple[np.ndarray, np.n
 
 
 class ScaledSlide:
-    """A slide seen at `target_mpp`: `read` returns working-frame pixels.
+    """A slide seen at `target_mpp`: `read` returns working-frame pixels, square at target_mpp.
 
-    scale: level-0 px per working px (1.0 exactly when the slide is within `tolerance`).
+    scale_xy: (x, y) level-0 px per working px; each axis is resampled on its own, so a slide
+        with non-square pixels (mpp x != mpp y) gives an undistorted working frame.  For square
+        pixels (within NON_SQUARE_TOLERANCE) both are the same and snap to a level's downsample
+        within `tolerance` (1.0 exactly when the slide is at the target).
+    scale: scale_xy's geometric mean (one number for reports; equal to both for square pixels).
     mpp: the working frame's actual mpp (slide mpp * scale).
-    size_px: (width, height) of the working frame, ceil(level-0 size / scale).
+    size_px: (width, height) of the working frame, ceil(level-0 size / scale per axis).
     level: the pyramid level pixels are read from.
-    Needs the slide's mpp (open_slide(..., mpp=) supplies it); raises MissingMppError, and
-    NonSquarePixelsError when mpp x and y differ by more than NON_SQUARE_TOLERANCE.
+    Needs the slide's mpp (open_slide(..., mpp=) supplies it); raises MissingMppError.
     """
 
     def __init__(self, reader: SlideReader, target_mpp: float, *, tolerance: float = 0.02) -> None:
@@ -87,23 +90,29 @@ class ScaledSlide:
         props = reader.properties
         mpp_x, mpp_y = require_mpp(props)
         self.slide_mpp = (mpp_x + mpp_y) / 2.0
-        if abs(mpp_x - mpp_y) > NON_SQUARE_TOLERANCE * min(mpp_x, mpp_y):
-            # One scale for both axes would distort every nucleus and bias its area.
-            raise NonSquarePixelsError(
-                f"{props.path}: pixels are not square ({mpp_x:.4g} x {mpp_y:.4g} µm/px) and wsiseg needs square "
-                f"pixels; resample the slide to square pixels first (e.g. vips resize IN OUT.tif 1 "
-                f"--vscale {mpp_y / mpp_x:.4g} for {mpp_x:.4g} µm/px)"
-            )
         self.reader = reader
         self.target_mpp = float(target_mpp)
         self.tolerance = float(tolerance)
-        self.level, self.scale = choose_level(props.level_downsamples, self.target_mpp / self.slide_mpp, tolerance)
-        self.level_downsample = float(props.level_downsamples[self.level])
-        self.mpp = self.slide_mpp * self.scale
-        # Level px per working px; exactly 1.0 means a plain crop of the level.
-        self.level_ratio = 1.0 if self.scale == self.level_downsample else self.scale / self.level_downsample
+        downsamples = props.level_downsamples
+        if abs(mpp_x - mpp_y) <= NON_SQUARE_TOLERANCE * min(mpp_x, mpp_y):
+            self.level, self.scale = choose_level(downsamples, self.target_mpp / self.slide_mpp, tolerance)
+            self.scale_xy = (self.scale, self.scale)
+            self.mpp = self.slide_mpp * self.scale
+        else:
+            # each axis to the target on its own; the finer axis decides the level read
+            sx, sy = self.target_mpp / mpp_x, self.target_mpp / mpp_y
+            self.level = choose_level(downsamples, min(sx, sy), 0.0)[0]
+            self.scale_xy = (sx, sy)
+            self.scale = math.sqrt(sx * sy)
+            self.mpp = self.target_mpp
+        self.level_downsample = float(downsamples[self.level])
+        # Level px per working px, per axis; exactly 1.0 means a plain crop of the level.
+        self.level_ratio_xy = tuple(1.0 if s == self.level_downsample else s / self.level_downsample
+                                    for s in self.scale_xy)
+        self.level_ratio = self.level_ratio_xy[0]
         w0, h0 = props.size_l0
-        self.size_px = (int(math.ceil(w0 / self.scale - 1e-9)), int(math.ceil(h0 / self.scale - 1e-9)))
+        sx, sy = self.scale_xy
+        self.size_px = (int(math.ceil(w0 / sx - 1e-9)), int(math.ceil(h0 / sy - 1e-9)))
 
     def read(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 RGB of working pixels [x0, x0 + w) x [y0, y0 + h); outside is white."""
@@ -112,10 +121,11 @@ class ScaledSlide:
             raise ValueError(f"region size must be >= 0, got {(w, h)}")
         if w == 0 or h == 0:
             return np.full((h, w, 3), 255, np.uint8)
-        if self.level_ratio == 1.0:
+        rx, ry = self.level_ratio_xy
+        if rx == 1.0 and ry == 1.0:
             return self._read_level(x0, y0, w, h)
-        ix, wx = axis_weights(x0, w, self.level_ratio)
-        iy, wy = axis_weights(y0, h, self.level_ratio)
+        ix, wx = axis_weights(x0, w, rx)
+        iy, wy = axis_weights(y0, h, ry)
         lx, ly = int(ix.min()), int(iy.min())
         patch = self._read_level(lx, ly, int(ix.max()) - lx + 1, int(iy.max()) - ly + 1)
         ix -= lx
@@ -146,12 +156,12 @@ class ScaledSlide:
         return out
 
     def to_l0(self, xy: Any) -> np.ndarray:
-        """Working-frame coordinates (..., 2) -> level-0 coordinates, float64."""
-        return np.asarray(xy, np.float64) * self.scale
+        """Working-frame coordinates (..., 2) as (x, y) -> level-0 coordinates, float64."""
+        return np.asarray(xy, np.float64) * np.asarray(self.scale_xy)
 
     def from_l0(self, xy: Any) -> np.ndarray:
-        """Level-0 coordinates (..., 2) -> working-frame coordinates, float64."""
-        return np.asarray(xy, np.float64) / self.scale
+        """Level-0 coordinates (..., 2) as (x, y) -> working-frame coordinates, float64."""
+        return np.asarray(xy, np.float64) / np.asarray(self.scale_xy)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (functools.partial(ScaledSlide, tolerance=self.tolerance), (self.reader, self.target_mpp))
