@@ -48,7 +48,7 @@ def main() -> None:
         maps = net.predict_maps(image[None])[0]
         cases.append((item, maps, labels))
         print(f"  {item.name}: {image.shape[1]}x{image.shape[0]} px", flush=True)
-    grid = itertools.product((0.3, 0.35, 0.4, 0.45, 0.5), (0.4, 0.5, 0.6))
+    grid = itertools.product((0.4, 0.45, 0.5, 0.55, 0.6), (0.4, 0.5, 0.6))
     for core, fg in grid:
         settings = PeakSettings(threshold=recipe.threshold, min_distance_px=recipe.min_distance_px,
                                 foreground_threshold=fg, source="distance", core_threshold=core)
