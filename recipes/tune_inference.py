@@ -1,6 +1,6 @@
 """Choose a wsiseg-tiny bundle's inference thresholds on *training* images (never validation).
 
-    python recipes/tune_inference.py runs/wsiseg-tiny-40x/bundle --recipe recipes/wsiseg-tiny-40x.toml
+    python recipes/tune_inference.py runs/wsiseg-tiny/bundle --recipe recipes/wsiseg-tiny.toml
 
 Runs the bundle's network once per training image (one per organ, the recipe's split and mpp
 overrides), then scores a grid of (core_threshold, foreground_threshold) settings of the
