@@ -9,7 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cli.main import main
+from wsiseg.cli.main import main
 from wsiseg.cohort import output_names
 from wsiseg.synthetic import SyntheticSpec, make_nuclei, write_generic_tiff, write_png, write_svs_like
 
