@@ -121,7 +121,7 @@ def _run_options(f: Any) -> Any:
                      default=None, help="Points to segment: CSV x,y[,label] in level-0 px, or GeoJSON in "
                      "QuPath's frame (as --roi)."),
         click.option("--tile-size", "tile_size", type=int, default=None,
-                     help="Tile size in model px (default: the model's; 512 for wsiseg-tiny, 256 for classical and SAM)."),
+                     help="Tile size in model px (default: the model's; 1024 for wsiseg-tiny, 256 for classical and SAM)."),
         click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px."),
         click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px when the file lacks it."),
         click.option("--roi", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
