@@ -134,7 +134,9 @@ def probe(model: str, device: str, workers: int, scheduler: str | None = None) -
 def _wsiseg_run(inputs: list[str], out: Path, options: list[str]) -> float:
     """Wall time (s) of one `wsiseg run INPUTS -o OUT OPTIONS` process; raises on failure."""
     t = time.perf_counter()
-    done = subprocess.run([*WSISEG, "run", *inputs, "-o", str(out), *options], capture_output=True, text=True)
+    # run outside the source tree, so the installed package is imported, not the checkout's folder
+    done = subprocess.run([*WSISEG, "run", *inputs, "-o", str(out), *options], capture_output=True, text=True,
+                          cwd=out.parent)
     wall = time.perf_counter() - t
     if done.returncode:
         raise SystemExit(f"wsiseg run {' '.join(inputs)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

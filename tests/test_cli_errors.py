@@ -105,7 +105,8 @@ def test_damaged_tile_in_a_worker_fails_in_one_line_and_worker_logs_go_to_the_lo
     cmd = [sys.executable, "-m", "wsiseg.cli.main", "run", str(slides["damaged"]), "-o", str(out), "-q",
            "--model", "classical", "--workers", "1", "--no-tissue-detection"]
     with _port_taken(8787):  # another cluster's dashboard: no warnings about it either
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # cwd outside the source tree: `python -m` must import the installed package
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = _error_lines(done.stderr)
     assert len(lines) == 1, done.stderr  # not Dask's worker tracebacks, not dashboard warnings

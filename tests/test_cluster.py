@@ -204,8 +204,9 @@ def test_a_killed_scheduler_fails_the_run_in_one_line_and_the_rerun_equals_an_un
     cohort = [str(slides[n]) for n in ("a", "c", "d")]
     cmd = [sys.executable, "-m", "wsiseg.cli.main", "run", *cohort, "-o", str(out), *FAST]
     env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": f"{LOST_SCHEDULER_TIMEOUT_S}s"}
+    # cwd outside the source tree: `python -m` must import the installed package
     run = subprocess.Popen([*cmd, "--scheduler", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while True:  # the first slide done, the others not: kill the scheduler
@@ -235,7 +236,7 @@ def test_a_killed_scheduler_fails_the_run_in_one_line_and_the_rerun_equals_an_un
 
     external_dask.stop()  # the workers of the dead scheduler have gone; start both again
     address = external_dask.start(port=external_dask.port)
-    rerun = subprocess.run([*cmd, "--scheduler", address], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*cmd, "--scheduler", address], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert {e["state"] for e in _ledger(out).values()} <= {"done", "skipped"}
     assert _ledger(out)[cohort[0]]["state"] == "skipped"  # the finished slide was not redone
