@@ -25,6 +25,7 @@ import importlib
 import json
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def _wsiseg_run(inputs: list[str], out: Path, options: list[str]) -> float:
     t = time.perf_counter()
     # run outside the source tree, so the installed package is imported, not the checkout's folder
     done = subprocess.run([*WSISEG, "run", *inputs, "-o", str(out), *options], capture_output=True, text=True,
-                          cwd=out.parent)
+                          cwd=tempfile.gettempdir())
     wall = time.perf_counter() - t
     if done.returncode:
         raise SystemExit(f"wsiseg run {' '.join(inputs)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
