@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -275,7 +276,8 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
                 click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
             done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
             if done is not None:
-                ledger.mark(slide, "skipped", report=str(done))
+                # still done: the ledger and summary keep its result (this run's tally says skipped)
+                ledger.mark(slide, "done", report=str(done), nuclei=_report_nuclei(done), already_done=True)
                 tally["skipped"] += 1
                 progress.end_slide("skipped")
                 events.emit("slide_skipped", slide, reason="already done", report=done)
@@ -318,9 +320,8 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
             if not quiet:
                 note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
                 click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
-    if len(slides) > 1 and not quiet:
-        counts = ledger.counts()
-        click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed ({ledger.path})")
+    if len(slides) > 1 and not quiet:  # this run's slides
+        click.echo(f"{tally['done']} done, {tally['skipped']} skipped, {tally['failed']} failed ({ledger.path})")
     try:
         write_summary(out_dir)  # OUT/summary.csv and summary.html, failures first
     except OSError as exc:
@@ -340,6 +341,14 @@ def _clear_progress_before_log_records(stack: ExitStack, progress: Progress) -> 
         if getattr(handler, "wsiseg_cli", False) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(clear)
             stack.callback(handler.removeFilter, clear)
+
+
+def _report_nuclei(report: Path) -> int | None:
+    """The nuclei count a finished slide's report records (None if unreadable)."""
+    try:
+        return int(json.loads(report.read_text())["counts"]["nuclei"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @main.command()

@@ -188,6 +188,13 @@ def test_rerun_does_nothing_for_finished_slides_and_retries_only_the_failed(
     assert all(e["reason"] == "already done" for e in run2 if e["event"] == "slide_skipped")
     assert run2[-1]["event"] == "run_end"
     assert (run2[-1]["done"], run2[-1]["skipped"], run2[-1]["failed"], run2[-1]["exit_code"]) == (0, 2, 5, 1)
+    # the ledger and the summary still show the finished slides as done, with their nuclei
+    ledger = json.loads((out / "wsiseg-ledger.json").read_text())["slides"]
+    for name in GOOD_SPECS:
+        entry = next(e for k, e in ledger.items() if Path(k).name == name)
+        assert entry["state"] == "done" and entry["nuclei"] > 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sum(r["state"] == "done" for r in rows) == len(GOOD_SPECS)
 
 
 def test_log_holds_one_json_event_per_line_for_the_run_and_each_slide(
