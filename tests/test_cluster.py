@@ -478,3 +478,14 @@ def test_a_writer_on_a_full_disk_raises_one_line_naming_the_disk_and_leaves_noth
     assert f"(mounted at {small_disk})" in message and "free of 4.0 MiB" in message
     assert f"writing {small_disk / 'out' / 's.zarr'}" in message
     assert not list((small_disk / "out").iterdir())  # no partial store left behind
+
+
+def test_a_future_cancelled_by_a_lost_connection_counts_as_a_lost_scheduler() -> None:
+    # the client can hand this error over while its status still says "running" (reconnecting)
+    from distributed.client import FutureCancelledError
+
+    from wsiseg.scheduling import _cancelled_by_lost_connection
+
+    assert _cancelled_by_lost_connection(FutureCancelledError("predict-1", "scheduler-connection-lost"))
+    assert not _cancelled_by_lost_connection(FutureCancelledError("predict-1", "user-cancelled"))
+    assert not _cancelled_by_lost_connection(ValueError("scheduler-connection-lost"))

@@ -212,7 +212,7 @@ class Runner:
             while pending:
                 yield pending.popleft().result()
         except Exception as exc:
-            if self.scheduler_lost():
+            if self.scheduler_lost() or _cancelled_by_lost_connection(exc):
                 raise self._lost_error() from exc
             raise
         finally:
@@ -242,6 +242,14 @@ class Runner:
         if not self.config.gpus:
             return None
         return {"GPU": 1} if stage.model else {"CPU": 1}
+
+
+def _cancelled_by_lost_connection(exc: BaseException) -> bool:
+    """True for a future the client cancelled because its scheduler connection dropped: such an
+    error can reach us before the client's status leaves "running" (it is still reconnecting)."""
+    from distributed.client import FutureCancelledError
+
+    return isinstance(exc, FutureCancelledError) and "connection-lost" in str(exc.reason)
 
 
 @dataclass(frozen=True)
