@@ -245,3 +245,51 @@ def test_validation_runs_held_out_images_through_eval_and_keeps_their_table(tmp_
     assert {"val_pq", "val_aji", "val_f1_detection"} <= set(row)
     table = (tmp_path / "run" / "validation" / "epoch-001" / "eval.csv").read_text().splitlines()
     assert len(table) == 3  # header, the one held-out image, the mean
+
+
+def test_a_run_started_from_a_bundle_starts_from_its_weights_and_refuses_other_ones(tmp_path: Path) -> None:
+    import torch
+
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.training.loop import TrainingError
+    from wsiseg.training.tiny import TinyTask, split_items, train_tiny
+
+    first = train_tiny(_recipe(tmp_path, epochs=1, steps_per_epoch=2), tmp_path / "first", progress=False).bundle
+    sha = open_bundle(first).component("prompter").sha256
+    recipe = _recipe(tmp_path, init_bundle=str(first), init_sha256=sha, seed=5)  # seed 5: other random weights
+    task = TinyTask(recipe, *split_items(recipe))
+    start = open_bundle(first).load_weights("prompter")
+    assert all(torch.equal(task.model.state_dict()[k], v) for k, v in start.items())
+
+    with pytest.raises(TrainingError, match=f"sha256 {sha}, the recipe asks for {'0' * 64}"):
+        TinyTask(_recipe(tmp_path, init_bundle=str(first), init_sha256="0" * 64), *split_items(recipe))
+    with pytest.raises(ValueError, match="init_bundle and init_sha256 go together"):
+        _recipe(tmp_path, init_bundle=str(first))
+
+
+def test_network_maps_do_not_depend_on_batching_and_folded_batchnorm_keeps_the_function() -> None:
+    import torch
+
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+    from wsiseg.models.tiny.maps import DenseMapNet, MapSettings
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(3, 4, 3))
+    for module in net.modules():  # trained-looking statistics, so folding has something to fold
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(net.fused_for_inference()(x).numpy(), net(x).numpy(), atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.fused_for_inference().modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    one = DenseMapNet(net, settings=MapSettings(batch=1)).predict_maps(tiles)
+    three = DenseMapNet(net, settings=MapSettings(batch=3)).predict_maps(tiles)
+    assert DenseMapNet(net).batch == 1  # the CPU default
+    np.testing.assert_allclose(one, three, atol=1e-5)

@@ -74,8 +74,17 @@ class TinyRecipe:
     context_px: int = 48
     tile_px: int = 512
     inference_precision: str = "fp32"
+    #: start from this bundle's prompter weights (a folder; relative paths are relative to the
+    #: TOML file) instead of random ones; `init_sha256` must name those weights' sha256
+    init_bundle: str = ""
+    init_sha256: str = ""
+    #: seeds the training crops when >= 0 (default: `seed`, which also draws the validation
+    #: split); a continued run sets it so it sees other crops than its starting run
+    crop_seed: int = -1
 
     def __post_init__(self) -> None:
+        if bool(self.init_bundle) != bool(self.init_sha256):
+            raise ValueError("init_bundle and init_sha256 go together (the sha256 pins the starting weights)")
         if self.crop_px % (2 ** (self.levels - 1)):
             raise ValueError(f"crop_px {self.crop_px} must be a multiple of {2 ** (self.levels - 1)}")
         if self.precision not in ("fp32", "bf16") or self.inference_precision not in ("fp32", "bf16"):
@@ -107,6 +116,9 @@ class TinyRecipe:
         data = Path(str(flat.get("data", "")))
         if not data.is_absolute():
             flat["data"] = str((path.parent / data).resolve())
+        init = Path(str(flat.get("init_bundle", "")))
+        if flat.get("init_bundle") and not init.is_absolute():
+            flat["init_bundle"] = str((path.parent / init).resolve())
         flat["exclude"] = tuple(flat.get("exclude", ()))
         try:
             return cls(**flat)
@@ -164,6 +176,8 @@ class TinyTask:
         self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
         torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
         self.model = build_network({"levels": recipe.levels, "base_channels": recipe.base_channels})
+        if recipe.init_bundle:
+            load_initial_weights(self.model, recipe)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         total = recipe.epochs * recipe.steps_per_epoch
@@ -271,6 +285,29 @@ class TinyTask:
         return self.write_bundle(out_dir, state, {"model_card": dict(r.card), "training": training})
 
 
+def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
+    """Load the prompter weights of `recipe.init_bundle` into `model`.
+
+    Raises TrainingError when the bundle cannot be opened, its weights' sha256 is not
+    `recipe.init_sha256` (another model than the recipe names), or the weights do not fit.
+    """
+    from wsiseg.models.bundles import BundleError, open_bundle
+    from wsiseg.models.prompters.point import load_state
+
+    where = f"init_bundle {recipe.init_bundle}"
+    try:
+        bundle = open_bundle(recipe.init_bundle)
+        sha = bundle.component("prompter").sha256
+        if sha != recipe.init_sha256:
+            raise TrainingError(
+                f"{where}: its prompter weights have sha256 {sha}, the recipe asks for {recipe.init_sha256}; "
+                "train the recipe's starting model first (see the recipe's comments)"
+            )
+        load_state(model, bundle.load_weights("prompter"), where=where)
+    except (BundleError, OSError, ValueError) as exc:
+        raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
+
+
 def split_items(recipe: TinyRecipe) -> tuple[list[NucleusItem], list[NucleusItem]]:
     """(train, val) items: the dataset's seeded split by whole image (`val_fraction`, `seed`, the
     same split as `wsiseg eval --split val --val-fraction F --seed S`), exclusions dropped."""
@@ -295,7 +332,8 @@ def train_tiny(
     log.info("wsiseg-tiny: %d training images, %d validation images", len(train), len(val))
     task = TinyTask(recipe, train, val)
     loop = LoopConfig(
-        epochs=recipe.epochs, steps_per_epoch=recipe.steps_per_epoch, seed=recipe.seed,
+        epochs=recipe.epochs, steps_per_epoch=recipe.steps_per_epoch,
+        seed=recipe.crop_seed if recipe.crop_seed >= 0 else recipe.seed,
         validate_every=recipe.validate_every if val else 0, monitor="pq", patience=None, keep="last",
     )
     return fit(task, out_dir, loop, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs,

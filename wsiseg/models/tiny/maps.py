@@ -36,16 +36,23 @@ FOREGROUND, CENTRE, DISTANCE = 0, 1, 2
 @dataclass(frozen=True)
 class MapSettings:
     """How the network runs: precision "fp32" or "bf16" (autocast; CPUs with bf16 matrix
-    units and recent GPUs run it faster); batch: tiles per forward pass."""
+    units and recent GPUs run it faster); batch: tiles per forward pass, 0 for the device's
+    default (see `DEFAULT_BATCH`)."""
 
     precision: str = "fp32"
-    batch: int = 8
+    batch: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.batch < 0:
+            raise ValueError(f"batch must be >= 0 (0: the device's default), got {self.batch}")
+
+
+#: tiles per forward pass when MapSettings.batch is 0: on CPU one 1152² tile at a time ran at
+#: 0.39 s/Mpx against 0.63 s/Mpx for eight (the activations of eight fall out of cache;
+#: benchmarks/README.md); a GPU wants large batches
+DEFAULT_BATCH = {"cpu": 1, "cuda": 8}
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:
@@ -71,7 +78,10 @@ class DenseMapNet:
         import torch
 
         self.device = resolve_device(device)
+        if hasattr(network, "fused_for_inference"):
+            network = network.fused_for_inference()
         self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.batch = settings.batch or DEFAULT_BATCH.get(self.device.type, 8)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.settings = settings
@@ -87,8 +97,8 @@ class DenseMapNet:
         b, height, width = tiles.shape[:3]
         out = np.zeros((b, N_MAPS, height, width), np.float32)
         use_bf16 = self.settings.precision == "bf16"
-        for start in range(0, b, self.settings.batch):
-            chunk = tiles[start : start + self.settings.batch]
+        for start in range(0, b, self.batch):
+            chunk = tiles[start : start + self.batch]
             x = tiles_to_tensor(chunk, self.mean, self.std, self.multiple, self.device, min_size_px=self.multiple * 2)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
