@@ -489,3 +489,17 @@ def test_a_future_cancelled_by_a_lost_connection_counts_as_a_lost_scheduler() ->
     assert _cancelled_by_lost_connection(FutureCancelledError("predict-1", "scheduler-connection-lost"))
     assert not _cancelled_by_lost_connection(FutureCancelledError("predict-1", "user-cancelled"))
     assert not _cancelled_by_lost_connection(ValueError("scheduler-connection-lost"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_workers_share_the_cpus_among_their_torch_threads(workers: int) -> None:
+    import torch
+
+    from wsiseg.scheduling import Runner, SchedulerConfig, worker_thread_env
+
+    cpus = os.cpu_count() or 1
+    expected = max(1, cpus // workers)
+    assert worker_thread_env(workers)["OMP_NUM_THREADS"] == str(expected)
+    with Runner(SchedulerConfig(workers=workers)) as runner:
+        threads = runner._client.run(torch.get_num_threads)
+    assert sorted(threads.values()) == [expected] * workers  # not Dask's default of 1 each

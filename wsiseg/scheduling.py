@@ -143,7 +143,7 @@ class Runner:
             dashboard_address=":0",  # a free port: another cluster's dashboard on 8787 is no concern of ours
             silence_logs=logging.WARNING,
             resources={"CPU": 1} if cfg.gpus else None,
-            **self._worker_logging(),
+            **self._worker_logging(worker_thread_env(n)),
         )
 
     def _worker_logging(self, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -258,6 +258,18 @@ class Stage:
 
     fn: Callable[..., Any]
     model: bool = False
+
+
+def worker_thread_env(n_workers: int, cpus: int | None = None) -> dict[str, str]:
+    """Environment giving each of `n_workers` local worker processes an equal share of the CPUs
+    for the numerical libraries' thread pools (torch, OpenMP, BLAS).
+
+    Without it Dask's nanny sets OMP_NUM_THREADS=1 (its `distributed.nanny.pre-spawn-environ`),
+    so a single worker on a 16-core machine runs the network on one core; with one pool per
+    core in every worker, the workers would oversubscribe the CPUs instead.
+    """
+    share = max(1, (cpus or os.cpu_count() or 1) // max(1, n_workers))
+    return {name: str(share) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 @contextmanager
