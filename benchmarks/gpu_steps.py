@@ -201,7 +201,7 @@ class TinyNetworks:
         return sum(len(b) for b in batches), sum(_nonempty(m) for m in masks)
 
     def slide_tiles(self) -> int:
-        # the prompter's overlap as wsiseg.pipeline._prompter_overlap sets it (--overlap 64)
+        # the prompter's overlap as wsiseg.pipeline.prompter_overlap sets it (--overlap 64)
         overlap = min(max(64, 2 * int(self.prompter.context_px)), self.tile_px // 4 * 2)
         return _slide_tiles(self.ctx.settings, self.mpp, self.tile_px, overlap_px=overlap)
 

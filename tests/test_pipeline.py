@@ -228,3 +228,22 @@ def test_resumed_run_equals_uninterrupted_and_recomputes_only_the_rest(
     assert calls["segment"] == n_batches - 3  # only the batches not saved before the kill
     assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)
     assert not work.exists()
+
+
+def test_a_run_detects_tissue_once_and_reports_the_area_it_used(
+    small_slide: Any, baseline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiseg.tissue
+
+    calls = []
+    detect = wsiseg.tissue.tissue_for_slide
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return detect(*args, **kw)
+
+    monkeypatch.setattr(wsiseg.tissue, "tissue_for_slide", counting)
+    result = run_slide(small_slide[0], tmp_path, _config())
+    assert len(calls) == 1  # the report reuses the run's region
+    area = result.report_data["tissue_area_mm2"]
+    assert area == baseline.report_data["tissue_area_mm2"] and area > 0

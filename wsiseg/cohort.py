@@ -103,7 +103,7 @@ def output_names(slides: Sequence[Path], out_dir: Path) -> dict[Path, str]:
         # the first form that no other slide of the run shares
         start = next((k for k, counts in enumerate(per_form) if counts[options[k].lower()] == 1), len(options) - 1)
         for name in options[start:]:
-            if name.lower() in taken or _outputs_of_other_source(out_dir, name, source):
+            if name.lower() in taken or outputs_of_other_source(out_dir, name, source):
                 continue
             taken.add(name.lower())
             names[slide] = name
@@ -128,7 +128,7 @@ def _name_forms(slide: Path, source: Path, common: Path) -> list[str]:
     return [stem, f"{stem}_{ext}", with_folders, f"{with_folders}_{digest}"]
 
 
-def _outputs_of_other_source(out_dir: Path, name: str, source: Path) -> bool:
+def outputs_of_other_source(out_dir: Path, name: str, source: Path) -> bool:
     """True when out_dir/NAME.report.json records a source file other than `source`."""
     report = out_dir / f"{name}.report.json"
     if not report.is_file():

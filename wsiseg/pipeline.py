@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -29,7 +29,7 @@ from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key, remove_partial_o
 from wsiseg.cohort import slide_stem
 from wsiseg.map_store import shares_maps
 from wsiseg.nuclei import NucleusTable
-from wsiseg.provenance import build_provenance, build_report, model_sha256
+from wsiseg.provenance import build_provenance, build_report, model_sha256, model_version
 from wsiseg.workers import (
     BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec, unique_bad_tiles,
 )
@@ -255,11 +255,12 @@ def _run(
     map_store: Path | None = None
     if config.prompts_file is None and shares_maps(prompter, segmentor):
         map_store = checkpoint.folder / "maps.zarr"
+    tissue = None  # detected by the prompter stage; a resumed run detects it again for the report
     if saved is not None and (map_store is None or map_store.exists()):
         points, counts = saved
         log.info("%s: resuming from %s", slide_path.name, checkpoint.folder)
     else:
-        points, counts = _global_prompts(
+        points, counts, tissue = _global_prompts(
             config, reader, props, scaled, prompter, classes, slide_mpp, tile_px, slide_spec, model_spec,
             runner, progress, timings, work, map_store,
         )
@@ -317,7 +318,7 @@ def _run(
             w.abort()
         raise
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
-    _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path))
+    _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path), tissue)
     checkpoint.clear()
     remove_partial_outputs(
         {p for fmt in GEOJSON_FORMATS for p in output_paths(name, out_dir, replace(config, geojson_format=fmt))},
@@ -338,9 +339,10 @@ def _global_prompts(
     classes: Sequence[NucleusClass], slide_mpp: float, tile_px: int, slide_spec: SlideSpec,
     model_spec: ModelSpec, runner: Runner, progress: ProgressFn, timings: dict[str, float], work: dict[str, float],
     map_store: Path | None = None,
-) -> tuple[PointSet, dict[str, Any]]:
+) -> tuple[PointSet, dict[str, Any], Any]:
     """Tissue, prompter tiles and point NMS: the slide's one global prompt set (working frame),
-    and counts (with the damaged tiles read as background, as dicts under BAD_TILES_KEY)."""
+    counts (with the damaged tiles read as background, as dicts under BAD_TILES_KEY) and the
+    slide's tissue (`wsiseg.tissue` region)."""
     width, height = scaled.size_px
     t = time.perf_counter()
     tissue = _tissue(reader, config, slide_mpp)
@@ -373,8 +375,8 @@ def _global_prompts(
         nms_radius = 0.0
     else:
         assert prompter is not None
-        pplan = plan_prompter_tiles(width, height, tile_px, _prompter_overlap(config, prompter, tile_px))
-        ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if _tile_in_tissue(s, tissue, scaled)]
+        pplan = plan_prompter_tiles(width, height, tile_px, prompter_overlap(config, prompter, tile_px))
+        ptiles = [s for s in (pplan.tile(i) for i in range(pplan.count)) if tile_in_tissue(s, tissue, scaled)]
         n_prompter_tiles = len(ptiles)
         found: list[PointSet] = []
         n_found = 0
@@ -403,8 +405,9 @@ def _global_prompts(
     points = point_nms(points, nms_radius)
     timings["merge"] = time.perf_counter() - t
     unreadable.extend(b.as_dict() for b in reader.take_bad_tiles())  # the tissue thumbnail's (and in-process reads')
-    return points, {"prompter_tiles": n_prompter_tiles, "points_found": n_found, "points_raw": n_raw,
-                    BAD_TILES_KEY: unique_bad_tiles(unreadable)}
+    counts = {"prompter_tiles": n_prompter_tiles, "points_found": n_found, "points_raw": n_raw,
+              BAD_TILES_KEY: unique_bad_tiles(unreadable)}
+    return points, counts, tissue
 
 
 def _segmentor_results(
@@ -502,7 +505,7 @@ def _tile_size(config: RunConfig, segmentor: Segmentor) -> int:
     return tile_px
 
 
-def _prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> int:
+def prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> int:
     """Prompter tiles overlap by at least twice the prompter's context (so points found in a
     tile's core are those an untiled run finds), but never by more than half a tile."""
     want = max(config.overlap_px, 2 * int(prompter.context_px))
@@ -523,7 +526,9 @@ def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:
     return tissue_for_slide(reader, mpp_l0=slide_mpp, detect=config.tissue_detection, roi=config.roi)
 
 
-def _tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:
+def tile_in_tissue(spec: Any, tissue: Any, scaled: Any) -> bool:
+    """Whether a tile's owned box (working-frame px, `wsiseg.tiling` TileSpec) meets the tissue
+    region (`wsiseg.tissue`, level 0); `scaled` converts with its per-axis scale."""
     sx, sy = scaled.scale_xy
     x0 = max(spec.own_x0, spec.x0) if math.isfinite(spec.own_x0) else spec.x0
     y0 = max(spec.own_y0, spec.y0) if math.isfinite(spec.own_y0) else spec.y0
@@ -562,19 +567,21 @@ def _open_writers(
 
 
 def _write_reports(
-    report: dict[str, Any], reader: Any, config: RunConfig, slide_mpp: float, paths: tuple[Path, Path, Path, Path]
+    report: dict[str, Any], reader: Any, config: RunConfig, slide_mpp: float, paths: tuple[Path, Path, Path, Path],
+    run_tissue: Any = None,
 ) -> None:
-    """The report JSON (tissue area, command line, models, outputs added) and its HTML page; paths as `output_paths`."""
+    """The report JSON (tissue area, command line, models, outputs added) and its HTML page; paths as
+    `output_paths`; run_tissue: the region the run used (None after a resume: detected again)."""
     from wsiseg.writers.report import ReportSlide, record_run, write_report, write_report_html
     from wsiseg.writers.zarr_store import open_nuclei
 
     tissue = None
-    try:  # the run's region again (a resumed run skipped it): same thumbnail, same result
-        tissue = _tissue(reader, config, slide_mpp).polygons_l0
+    try:  # a resumed run skipped detection: the same thumbnail gives the same region again
+        tissue = (run_tissue if run_tissue is not None else _tissue(reader, config, slide_mpp)).polygons_l0
     except Exception as exc:  # noqa: BLE001 - the report goes without a tissue area then
         log.warning("%s: tissue area for the report not measured: %s", paths[2].name, exc)
     outputs = dict(zip(("geojson", "zarr", "report_json", "report_html"), paths))
-    models = [_model_version(r, n) for r, n in (("model", config.model), ("prompter", config.prompter)) if n]
+    models = [model_version(r, n) for r, n in (("model", config.model), ("prompter", config.prompter)) if n]
     record_run(report, command_line=sys.argv, tissue_l0=tissue, mpp=slide_mpp, outputs=outputs, models=models)
     write_report(paths[2], report)
     try:
@@ -584,17 +591,3 @@ def _write_reports(
         write_report_html(paths[3], report, slide, open_nuclei(paths[1]))
     except Exception as exc:  # the HTML page is a convenience; never fail a finished run for it
         log.warning("could not write %s: %s", paths[3], exc)
-
-
-def _model_version(role: str, name: str) -> dict[str, Any]:
-    """Role, name, version and sha256 of a model the run named (None where it is not a bundle)."""
-    from wsiseg.models.bundles import open_bundle
-    from wsiseg.models.cache import resolve_model
-
-    entry: dict[str, Any] = {"role": role, "name": name, "version": None, "sha256": None}
-    with suppress(ValueError, OSError, LookupError):  # not a bundle: no version, no sha256
-        target = resolve_model(name)
-        if target != "classical" and not Path(target).is_file():
-            bundle = open_bundle(target)
-            entry.update(version=bundle.manifest.version, sha256=bundle.sha256)
-    return entry

@@ -295,15 +295,15 @@ def _thumbnail_like(reader: Any, shape: tuple[int, ...]) -> np.ndarray:
 def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int], run_config: Any) -> tuple[int, int]:
     """(prompter tiles, segmentor tiles) a run plans over the tissue, on the pipeline's own
     grids (tile size and halo as the sample run recorded them)."""
-    from wsiseg.pipeline import _prompter_overlap, _tile_in_tissue
+    from wsiseg.pipeline import prompter_overlap, tile_in_tissue
     from wsiseg.tiling import plan_prompter_tiles, plan_segmentor_tiles
 
     width, height = scaled.size_px
     tile_px, halo_px = counts["tile_px"], counts["halo_px"]
     n_prompter = 0
     if prompter is not None:
-        pplan = plan_prompter_tiles(width, height, tile_px, _prompter_overlap(run_config, prompter, tile_px))
-        n_prompter = sum(_tile_in_tissue(pplan.tile(i), tissue, scaled) for i in range(pplan.count))
+        pplan = plan_prompter_tiles(width, height, tile_px, prompter_overlap(run_config, prompter, tile_px))
+        n_prompter = sum(tile_in_tissue(pplan.tile(i), tissue, scaled) for i in range(pplan.count))
     splan = plan_segmentor_tiles(width, height, tile_px, halo_px)
     (sx, sy), block = scaled.scale_xy, splan.stride_px
     n_segmentor = 0

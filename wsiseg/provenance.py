@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -110,3 +111,17 @@ def build_report(
         UNREADABLE_TILES_KEY: [dict(t) for t in unreadable_tiles],
         "parameters": config.parameters(),
     }
+
+
+def model_version(role: str, name: str) -> dict[str, Any]:
+    """Role, name, version and sha256 of a model the run named (None where it is not a bundle)."""
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    entry: dict[str, Any] = {"role": role, "name": name, "version": None, "sha256": None}
+    with suppress(ValueError, OSError, LookupError):  # not a bundle: no version, no sha256
+        target = resolve_model(name)
+        if target != "classical" and not Path(target).is_file():
+            bundle = open_bundle(target)
+            entry.update(version=bundle.manifest.version, sha256=bundle.sha256)
+    return entry

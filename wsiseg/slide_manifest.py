@@ -166,7 +166,7 @@ def requested_output_names(names: dict[Path, str], entries: Sequence[SlideEntry]
 
     Raises ManifestError naming the row and the fix when a requested name breaks a rule.
     """
-    from wsiseg.cohort import _outputs_of_other_source
+    from wsiseg.cohort import outputs_of_other_source
 
     requested = {e.path: e for e in entries if e.output_name and e.path in names}
     if not requested:
@@ -179,7 +179,7 @@ def requested_output_names(names: dict[Path, str], entries: Sequence[SlideEntry]
         clash = next((other for other, n in final.items() if other != slide and n.lower() == name.lower()), None)
         if clash is not None:
             raise ManifestError(f"{entry.origin}: output_name {name!r} is also {clash}'s output name; choose another")
-        if _outputs_of_other_source(out_dir, name, slide.resolve()):
+        if outputs_of_other_source(out_dir, name, slide.resolve()):
             raise ManifestError(
                 f"{entry.origin}: {out_dir / name}.* are another slide's outputs; "
                 "choose another output_name or -o folder"
