@@ -323,3 +323,18 @@ def test_report_slide_rejects_a_bad_thumbnail() -> None:
         report_slide(thumbnail_rgb=np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="downsample"):
         report_slide(downsample=0.0)
+
+
+@pytest.mark.parametrize(("slide_mpp", "warned"), [(0.25, False), (0.5, False), (0.6, True), (1.0, True)])
+def test_report_and_check_warn_alike_about_upsampling(slide_mpp: float, warned: bool) -> None:
+    from wsiseg.preflight import _resolution_warnings
+    from wsiseg.writers.report import report_warnings
+
+    report = {"model": {"segmentor": "wsiseg-tiny", "mpp": 0.25}}
+    in_report = [w for w in report_warnings(report, n_nuclei=100, n_edge=0, low_score_share=None,
+                                            median_area_um2=None, mpp=slide_mpp) if "coarser" in w]
+    in_check = _resolution_warnings(slide_mpp, 0.25)
+    assert len(in_report) == len(in_check) == int(warned)  # a 20x slide on the 40x model: no warning
+    if warned:
+        assert in_report[0].lower().startswith(in_check[0].lower())
+        assert f"{slide_mpp / 0.25:.1f}x coarser" in in_check[0]

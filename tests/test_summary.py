@@ -55,7 +55,7 @@ def test_run_with_a_failure_lists_it_first_with_its_reason(
     assert result.exit_code == 1, result.output
     failed, done = _csv_rows(out / "summary.csv")
     assert failed["slide"] == str(text_as_svs) and failed["state"] == "failed"
-    assert str(text_as_svs) in failed["reason"] and "no reader could open it" in failed["reason"]
+    assert failed["reason"].startswith("no reader could open it")  # the slide column names the slide
     assert failed["nuclei"] == "" and failed["report"] == ""
     assert done["slide"] == str(png_image) and done["state"] == "done" and done["reason"] == ""
     report = json.loads((out / f"{png_image.stem}.report.json").read_text())
@@ -136,7 +136,7 @@ def test_summary_rows_take_tissue_area_from_the_report_and_leave_unknowns_empty(
     assert [r.slide for r in rows] == ["s/bad.svs", "s/later.svs", "s/with_area.svs", "s/no_area.svs",
                                        "s/lost_report.svs"]
     bad, later, with_area, no_area, lost = rows
-    assert bad.reason == "s/bad.svs: file is truncated; copy it again" and bad.nuclei is None
+    assert bad.reason == "file is truncated; copy it again" and bad.nuclei is None
     assert with_area.tissue_area_mm2 == 2.0 and with_area.nuclei_per_mm2 == 250.0 and with_area.time_s == 12.3
     assert with_area.warnings == ("3 nuclei reached their tile's edge",) and with_area.model == "wsiseg-tiny"
     assert with_area.report == "with_area.report.json"  # no HTML report beside it: the JSON is linked

@@ -139,3 +139,14 @@ def outputs_of_other_source(out_dir: Path, name: str, source: Path) -> bool:
         return False
     recorded = (data.get("source") or {}).get("path") or data.get("slide")
     return recorded is not None and Path(recorded) != source
+
+
+def reason_without_slide(reason: str, slide: str | os.PathLike[str]) -> str:
+    """A failure reason shown beside its slide, without the slide's path or name repeated at its
+    start ("a.svs: no reader could open it" -> "no reader could open it")."""
+    path = Path(slide)
+    for prefix in (str(slide), str(path.resolve()), path.name):
+        if prefix and reason.startswith(f"{prefix}: "):
+            return reason[len(prefix) + 2 :]
+    return reason
+

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 DENSITY_THUMBNAIL_PX = 512
 #: Side of the sample region (µm): about one 256 px tile at 0.5 µm/px.
 SAMPLE_SIDE_UM = 128.0
-#: A slide coarser than the model's resolution by more than this factor is upsampled: warned.
-UPSAMPLE_WARNING = 1.5
 #: Share of the memory available now above which the estimated peak is a warning.
 MEMORY_WARNING_SHARE = 0.8
 
@@ -137,8 +135,16 @@ def _forget_slide(path: Path) -> None:
 def check_slide(entry: SlideEntry, model: LoadedModel, runner: Any) -> SlideCheck:
     """Check one slide (see the module docstring); never raises for a bad slide.
 
-    runner: a synchronous `wsiseg.scheduling.Runner` for the sample run.
+    runner: a synchronous `wsiseg.scheduling.Runner` for the sample run.  Reasons do not
+    repeat the slide's path (it is in `path`).
     """
+    from wsiseg.cohort import reason_without_slide
+
+    result = _check_slide(entry, model, runner)
+    return replace(result, reasons=tuple(reason_without_slide(r, entry.path) for r in result.reasons))
+
+
+def _check_slide(entry: SlideEntry, model: LoadedModel, runner: Any) -> SlideCheck:
     from wsiseg.readers import SlideError, open_slide, require_mpp
     from wsiseg.readers.scaled import ScaledSlide
     from wsiseg.tissue import RoiError, tissue_for_slide
@@ -178,7 +184,7 @@ def check_slide(entry: SlideEntry, model: LoadedModel, runner: Any) -> SlideChec
         except RoiError as exc:
             return replace(base, reasons=(_one_line(exc),))
         except Exception as exc:  # a corrupt thumbnail level is the slide's problem
-            return replace(base, reasons=(f"{entry.path}: reading the thumbnail failed: {_one_line(exc)}",))
+            return replace(base, reasons=(f"reading the thumbnail failed: {_one_line(exc)}",))
         mm2_per_px = mpp_xy[0] * mpp_xy[1] / 1e6
         base = replace(base, tissue_area_mm2=round(tissue.area_l0 * mm2_per_px, 4))
         warnings = _resolution_warnings(slide_mpp, model.segmentor.mpp)
@@ -224,7 +230,7 @@ def _sampled(
                 wall_s = time.perf_counter() - t
         except Exception as exc:  # the slide's own failure (a corrupt tile, ...): a run would fail too
             log.debug("%s: sample run failed", entry.path, exc_info=True)
-            return replace(base, reasons=(f"{entry.path}: a sample run failed: {_one_line(exc)}",))
+            return replace(base, reasons=(f"a sample run failed: {_one_line(exc)}",))
         finally:
             _forget_slide(entry.path)
     report = result.report_data
@@ -315,10 +321,10 @@ def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int],
 
 
 def _resolution_warnings(slide_mpp: float, model_mpp: float) -> list[str]:
-    if slide_mpp > UPSAMPLE_WARNING * model_mpp:
-        return [f"the slide ({slide_mpp:.3g} µm/px) is coarser than the model's {model_mpp:.3g} µm/px: "
-                "nuclei are upsampled and may be missed"]
-    return []
+    from wsiseg.readers.resolution import upsampling_warning
+
+    warning = upsampling_warning(slide_mpp, model_mpp)
+    return [warning] if warning else []
 
 
 def _file_mpp_source(props: Any) -> str:

@@ -78,7 +78,10 @@ def _safe_row(slide: str, entry: dict[str, Any], out_dir: Path) -> SummaryRow:
 def _row(slide: str, entry: dict[str, Any], out_dir: Path) -> SummaryRow:
     state = str(entry.get("state", "pending"))
     if state == "failed":
-        return SummaryRow(slide, state, reason=entry.get("reason") or "unknown (see wsiseg.log)")
+        from wsiseg.cohort import reason_without_slide
+
+        return SummaryRow(slide, state, reason=reason_without_slide(entry.get("reason") or "unknown (see wsiseg.log)",
+                                                                    slide))
     report_path = _report_path(entry.get("report"), out_dir)
     report = _read_json(report_path) if report_path is not None else None
     if report_path is None or report is None:

@@ -165,3 +165,19 @@ def tiff_tag_mpp(
 def mpp_from_override(mpp: float | None) -> MppReading | None:
     """The reading for an explicit --mpp (trusted as given), or None without one."""
     return None if mpp is None else MppReading((float(mpp), float(mpp)))
+
+
+#: A slide coarser than the model's resolution by more than this factor is upsampled further than
+#: the built-in model was validated on (its validation images include 0.5 µm/px scans run at
+#: 0.25 µm/px, a factor of 2): `check` and the report warn.  A 20x slide on a 40x model is not warned.
+UPSAMPLE_WARNING_FACTOR = 2.05
+
+
+def upsampling_warning(slide_mpp: float | None, model_mpp: float | None) -> str | None:
+    """One sentence when a slide at slide_mpp µm/px is upsampled more than
+    UPSAMPLE_WARNING_FACTOR times to a model working at model_mpp µm/px, else None."""
+    if not slide_mpp or not model_mpp or slide_mpp <= UPSAMPLE_WARNING_FACTOR * model_mpp:
+        return None
+    return (f"the slide ({slide_mpp:.3g} µm/px) is {slide_mpp / model_mpp:.1f}x coarser than the model's "
+            f"{model_mpp:.3g} µm/px: nuclei are upsampled and small ones may be missed")
+

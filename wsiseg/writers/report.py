@@ -212,7 +212,7 @@ def report_warnings(
     mpp: float | None,
 ) -> list[str]:
     """What a reader should know before trusting the slide's numbers, one sentence each."""
-    from wsiseg.readers.resolution import MAX_NUCLEUS_MPP
+    from wsiseg.readers.resolution import MAX_NUCLEUS_MPP, upsampling_warning
 
     out = [str(w) for w in report.get("warnings", []) or []] if isinstance(report.get("warnings"), list) else []
     unreadable = report.get(UNREADABLE_TILES_KEY)
@@ -240,6 +240,10 @@ def report_warnings(
             f"The resolution, {mpp:.4g} µm/px, is outside what scanners give for nuclei "
             f"({MIN_SCAN_MPP}-{MAX_NUCLEUS_MPP} µm/px); if it is wrong, rerun with --mpp."
         )
+    model = report.get("model")
+    upsampled = upsampling_warning(mpp, model.get("mpp") if isinstance(model, Mapping) else None)
+    if upsampled:
+        out.append(upsampled[0].upper() + upsampled[1:] + " (the same warning as `wsiseg check`).")
     lo, hi = PLAUSIBLE_MEDIAN_AREA_UM2
     if median_area_um2 is not None and n_nuclei >= 20 and not lo <= median_area_um2 <= hi:
         out.append(
