@@ -244,6 +244,51 @@ def test_a_killed_scheduler_fails_the_run_in_one_line_and_the_rerun_equals_an_un
     _assert_same_nuclei(out, baseline, ["a", "c", "d"])
 
 
+# ---------------------------------------------------------------- a killed worker
+
+
+def test_a_worker_killed_mid_cohort_leaves_a_run_whose_rerun_equals_an_uninterrupted_run(
+    slides: dict[str, Path], baseline: Path, external_dask: ExternalDask, tmp_path: Path
+) -> None:
+    from dask.distributed import Client
+
+    address = external_dask.running()
+    out = tmp_path / "out"
+    cohort = [str(slides[n]) for n in ("a", "b", "c", "d")]
+    cmd = [sys.executable, "-m", "wsiseg.cli.main", "run", *cohort, "-o", str(out), "--scheduler", address, *FAST]
+    with Client(address, timeout="30s") as client:
+        pids = sorted(client.run(os.getpid).values())
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # a slide under way: kill one worker process (SIGKILL, as the OOM killer does)
+            try:
+                states = [e["state"] for e in _ledger(out).values()]
+            except (OSError, ValueError):
+                states = []
+            if "running" in states:
+                break
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.02)
+        os.kill(pids[0], signal.SIGKILL)
+        assert run.poll() is None  # killed while the cohort was still running
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    # Dask hands the lost worker's tasks to the other worker (and the nanny restarts it): either
+    # the run finishes, or it fails in one line per slide and the rerun completes the rest
+    assert run.returncode in (0, 1), stderr
+    if run.returncode == 1:
+        assert all(line.startswith("error: ") for line in _error_lines(stderr)), stderr
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {e["state"] for e in _ledger(out).values()} == {"done"}
+    assert all(e.get("already_done") for e in _ledger(out).values()) == (run.returncode == 0)
+    _assert_same_nuclei(out, baseline, ["a", "b", "c", "d"])
+    assert not list(out.glob("*.partial-*"))
+
+
 # ---------------------------------------------------------------- SLURM (no SLURM here: the job script)
 
 SLURM_YAML = """\
