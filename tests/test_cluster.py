@@ -418,6 +418,35 @@ def test_cluster_options_are_checked_before_anything_runs(
     _expect_usage_errors(with_sbatch, slides["a"], out)
 
 
+def test_a_job_script_slurm_refuses_stops_the_run_at_once_in_one_line(
+    slides: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("dask_jobqueue")
+    config_file = tmp_path / "slurm.yaml"
+    config_file.write_text("queue: gpu-typo\ncores: 4\nmemory: 8GiB\nwalltime: '01:00:00'\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    fake = bin_dir / "sbatch"  # SLURM's answer to a partition that does not exist
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                    "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    t = time.monotonic()
+    result = CliRunner().invoke(main, ["run", str(slides["a"]), "-o", str(out), *FAST,
+                                       "--cluster", "slurm", "--cluster-config", str(config_file)])
+    assert time.monotonic() - t < 60  # not left waiting for workers that never come
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "SLURM refuses the worker job" in lines[0] and "Invalid partition name specified" in lines[0]
+    assert str(config_file) in lines[0]
+    assert calls.read_text().split()[0] == "--test-only"  # validated, never submitted
+    assert len(calls.read_text().splitlines()) == 1
+
+
 def _expect_usage_errors(runs: dict[str, list[str]], slide: Path, out: Path) -> None:
     for expected, options in runs.items():
         result = CliRunner().invoke(main, ["run", str(slide), "-o", str(out), *FAST, *options])

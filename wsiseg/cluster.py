@@ -202,15 +202,52 @@ def slurm_cluster(config: SlurmConfig) -> Any:
 def start_slurm_cluster(config: SlurmConfig) -> Any:
     """`slurm_cluster(config)` with its jobs submitted: `jobs` of them, or adaptive between
     `adapt.minimum` and `adapt.maximum`.  Workers join as SLURM starts the jobs; tasks wait
-    for them.  Raises RuntimeError (one line) when `sbatch` is not on the PATH."""
+    for them.  Raises RuntimeError (one line) when `sbatch` is not on the PATH or refuses the
+    job script (`sbatch --test-only`: a wrong partition, account or limit), so such a run stops
+    at once instead of waiting for workers that never come."""
     if shutil.which("sbatch") is None:
         raise RuntimeError(NO_SBATCH)
     cluster = slurm_cluster(config)
+    try:
+        _test_submission(str(cluster.job_script()), config)
+    except RuntimeError:
+        cluster.close()
+        raise
     if config.adapt is not None:
         cluster.adapt(minimum_jobs=config.adapt.minimum, maximum_jobs=config.adapt.maximum)
     else:
         cluster.scale(jobs=config.jobs or 1)
     return cluster
+
+
+#: seconds `sbatch --test-only` may take (the controller answers within a few seconds)
+SBATCH_TEST_TIMEOUT_S = 60
+
+
+def _test_submission(script: str, config: SlurmConfig) -> None:
+    """Ask SLURM to validate one job's script without submitting it (`sbatch --test-only`).
+
+    Raises RuntimeError with sbatch's own reason (e.g. "invalid partition specified") and the
+    config file to fix.
+    """
+    import subprocess
+    import tempfile
+
+    where = f" in {config.source}" if config.source else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="wsiseg-job-", delete=False) as fh:
+        fh.write(script)
+    try:
+        done = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True,
+                              timeout=SBATCH_TEST_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"--cluster slurm: sbatch --test-only gave no answer in {SBATCH_TEST_TIMEOUT_S} s; "
+                           "check that the SLURM controller is up (sinfo)") from None
+    finally:
+        Path(fh.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        said = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
+        raise RuntimeError(f"--cluster slurm: SLURM refuses the worker job ({said}); fix the queue, account, "
+                           f"cores, memory, gpus or walltime{where} (docs/cluster.md)")
 
 
 def slurm_job_script(config: SlurmConfig) -> str:
