@@ -28,9 +28,10 @@ def qupath_script_path() -> Path:
 
 
 @click.command("qupath-script")
-@click.option("--copy", "dest", type=click.Path(path_type=Path), default=None,
-              help="Copy the script to DEST (a folder, or a file name) and print where it went.")
-def qupath_script(dest: Path | None) -> None:
+@click.option("--copy", "dest", type=click.Path(path_type=str), default=None,
+              help="Copy the script to DEST and print where it went: a folder (made if missing), "
+                   "or a file name ending in .groovy.")
+def qupath_script(dest: str | None) -> None:
     """Print the path of the QuPath script that imports wsiseg's GeoJSON into a QuPath project.
 
     In QuPath: Automate > Script editor, File > Open that file, set RESULTS_DIR, Run.
@@ -39,8 +40,11 @@ def qupath_script(dest: Path | None) -> None:
     if dest is None:
         click.echo(str(source))
         return
-    target = dest / SCRIPT_NAME if dest.is_dir() else dest
-    if not target.parent.is_dir():
-        raise click.ClickException(f"--copy {dest}: folder {target.parent} does not exist; mkdir -p it first")
-    shutil.copyfile(source, target)
+    path = Path(dest).expanduser()
+    target = path if path.suffix.lower() == ".groovy" and not path.is_dir() else path / SCRIPT_NAME
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise click.ClickException(f"--copy {dest}: cannot write {target} ({exc.strerror or exc})") from None
     click.echo(str(target))

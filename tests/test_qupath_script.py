@@ -53,10 +53,24 @@ def test_copy_puts_the_script_in_a_folder_or_at_a_file_name(tmp_path: Path) -> N
     assert (tmp_path / "mine.groovy").read_text() == SCRIPT.read_text()
 
 
-def test_copy_into_a_missing_folder_fails_with_the_fix(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["qupath-script", "--copy", str(tmp_path / "no" / "such" / "x.groovy")])
+def test_copy_to_a_missing_folder_makes_it_and_never_writes_a_file_in_its_place(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for dest, where in ((f"{tmp_path / 'Documents'}/", tmp_path / "Documents"),  # as docs/qupath.md writes it
+                        (str(tmp_path / "scripts"), tmp_path / "scripts"),
+                        (str(tmp_path / "no" / "such" / "x.groovy"), None)):
+        result = runner.invoke(main, ["qupath-script", "--copy", dest])
+        assert result.exit_code == 0, result.output
+        target = where / "import_wsiseg.groovy" if where else tmp_path / "no" / "such" / "x.groovy"
+        assert where is None or where.is_dir()
+        assert target.read_text() == SCRIPT.read_text() and result.output.strip() == str(target)
+
+
+def test_copy_that_cannot_be_written_names_the_target(tmp_path: Path) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where a folder should go")
+    result = CliRunner().invoke(main, ["qupath-script", "--copy", str(blocker / "sub")])
     assert result.exit_code != 0
-    assert "does not exist" in result.output and "mkdir" in result.output
+    assert f"cannot write {blocker / 'sub' / 'import_wsiseg.groovy'}" in result.output
 
 
 # -- the script's text ----------------------------------------------------------------------------
