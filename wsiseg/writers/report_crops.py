@@ -133,15 +133,19 @@ def pick_crop_boxes(
 
         deep = minimum_filter(grid.tissue, size=3, mode="constant", cval=0.0)
         candidates = valid & (deep >= 0.9)
+        # the density map's sparser cells at tissue borders are left out (often margins or folds): say so
+        sparse_name = "sparsest tissue away from its edges"
         for looser in (valid & (grid.tissue >= 0.9), valid & (grid.tissue >= MIN_TISSUE_SHARE)):
-            candidates = candidates if candidates.any() else looser
+            if not candidates.any():
+                candidates, sparse_name = looser, "sparsest tissue"
     else:
         candidates = valid & (counts > 0)
+        sparse_name = "sparsest tissue"
     order = np.argsort(np.where(candidates, grid.per_mm2, np.inf), axis=None, kind="stable")
     for flat in order[: int(candidates.sum())]:
         r, c = np.unravel_index(int(flat), counts.shape)
         per = grid.per_mm2[r, c]
-        if place(f"sparsest tissue ({per:,.0f} nuclei/mm²)" if per_mm2 else "sparsest tissue",
+        if place(f"{sparse_name} ({per:,.0f} nuclei/mm²)" if per_mm2 else sparse_name,
                  (c + 0.5) * cell, (r + 0.5) * cell):
             break
 
