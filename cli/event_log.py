@@ -16,6 +16,8 @@ as given, or null for the run's own events), then the event's fields:
 - `slide_done`: `nuclei`, `seconds`, `unreadable_tiles`, `outputs` (`geojson`, `zarr`,
   `report`, `report_html`)
 - `slide_failed`: `reason` (the one line the terminal shows), `seconds`
+- `run_interrupted`: `signal` ("SIGINT", "SIGTERM" or "SIGHUP"); `slide` is the slide under
+  way (back to pending), or null
 - `run_end`: `done`, `skipped`, `failed`, `pending` (slides of this run in each state),
   `exit_code`, `seconds`
 """

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import click
 
@@ -268,65 +270,109 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
                 click.echo(f"Dask dashboard: {runner.dashboard}")
         stack.callback(progress.clear)
         _clear_progress_before_log_records(stack, progress)
-        for index, slide in enumerate(slides, 1):
-            name = names[slide]
-            entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
-            slide_config = entry_config(config, entry)
-            if name not in (slide_stem(slide), entry and entry.output_name) and not quiet:
-                click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
-            done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
-            if done is not None:
-                # still done: the ledger and summary keep its result (this run's tally says skipped)
-                ledger.mark(slide, "done", report=str(done), nuclei=_report_nuclei(done), already_done=True)
-                tally["skipped"] += 1
-                progress.end_slide("skipped")
-                events.emit("slide_skipped", slide, reason="already done", report=done)
+        stack.enter_context(_signals_interrupt())
+        current: Path | None = None
+        interrupted: int | None = None  # the exit code of an interrupted run
+        try:
+            for index, slide in enumerate(slides, 1):
+                name = names[slide]
+                entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
+                slide_config = entry_config(config, entry)
+                if name not in (slide_stem(slide), entry and entry.output_name) and not quiet:
+                    click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
+                done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
+                if done is not None:
+                    # still done: the ledger and summary keep its result (this run's tally says skipped)
+                    ledger.mark(slide, "done", report=str(done), nuclei=_report_nuclei(done), already_done=True)
+                    tally["skipped"] += 1
+                    progress.end_slide("skipped")
+                    events.emit("slide_skipped", slide, reason="already done", report=done)
+                    if not quiet:
+                        click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
+                    continue
+                ledger.mark(slide, "running")
+                current = slide
+                progress.start_slide(slide.name)
+                events.emit("slide_start", slide, index=index, total=len(slides), output_name=name)
+
+                def report(stage: str, done: int, total: int, count: int, slide: Path = slide) -> None:
+                    progress(stage, done, total, count)
+                    events.progress(slide, stage, done, total, count)
+
+                t_slide = time.monotonic()
+                try:
+                    result = run_slide(slide, out_dir, slide_config, runner=runner, progress=report, output_name=name)
+                except Exception as exc:  # one bad slide never stops the others
+                    tally["failed"] += 1
+                    log.debug("%s failed", slide, exc_info=True)
+                    if is_disk_full(exc):  # wherever it struck: name the disk and its free space
+                        exc = disk_full_error(exc, out_dir)
+                    message = _slide_failure(slide, exc)
+                    ledger.mark(slide, "failed", reason=message)
+                    progress.end_slide("failed")
+                    events.emit("slide_failed", slide, reason=message, seconds=round(time.monotonic() - t_slide, 3))
+                    _fail(message, log_path)
+                    if isinstance(exc, SchedulerError):  # no further slide can run: stop, the rest stay pending
+                        break
+                    continue
+                counts = result.report_data.get("counts", {})
+                n_nuclei = int(counts.get("nuclei", result.n_nuclei))  # the report's count
+                bad = int(counts.get("unreadable_tiles", 0))
+                ledger.mark(slide, "done", nuclei=n_nuclei, report=str(result.report))
+                tally["done"] += 1
+                progress.end_slide("done")
+                events.emit("slide_done", slide, nuclei=n_nuclei, seconds=round(time.monotonic() - t_slide, 3),
+                            unreadable_tiles=bad, outputs={"geojson": result.geojson, "zarr": result.zarr,
+                                                           "report": result.report, "report_html": result.report_html})
                 if not quiet:
-                    click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
-                continue
-            ledger.mark(slide, "running")
-            progress.start_slide(slide.name)
-            events.emit("slide_start", slide, index=index, total=len(slides), output_name=name)
-
-            def report(stage: str, done: int, total: int, count: int, slide: Path = slide) -> None:
-                progress(stage, done, total, count)
-                events.progress(slide, stage, done, total, count)
-
-            t_slide = time.monotonic()
-            try:
-                result = run_slide(slide, out_dir, slide_config, runner=runner, progress=report, output_name=name)
-            except Exception as exc:  # one bad slide never stops the others
-                tally["failed"] += 1
-                log.debug("%s failed", slide, exc_info=True)
-                if is_disk_full(exc):  # wherever it struck: name the disk and its free space
-                    exc = disk_full_error(exc, out_dir)
-                message = _slide_failure(slide, exc)
-                ledger.mark(slide, "failed", reason=message)
-                progress.end_slide("failed")
-                events.emit("slide_failed", slide, reason=message, seconds=round(time.monotonic() - t_slide, 3))
-                _fail(message, log_path)
-                if isinstance(exc, SchedulerError):  # no further slide can run: stop, the rest stay pending
-                    break
-                continue
-            counts = result.report_data.get("counts", {})
-            n_nuclei = int(counts.get("nuclei", result.n_nuclei))  # the report's count
-            bad = int(counts.get("unreadable_tiles", 0))
-            ledger.mark(slide, "done", nuclei=n_nuclei, report=str(result.report))
-            tally["done"] += 1
-            progress.end_slide("done")
-            events.emit("slide_done", slide, nuclei=n_nuclei, seconds=round(time.monotonic() - t_slide, 3),
-                        unreadable_tiles=bad, outputs={"geojson": result.geojson, "zarr": result.zarr,
-                                                       "report": result.report, "report_html": result.report_html})
-            if not quiet:
-                note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
-                click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
+                    note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
+                    click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a SLURM walltime, `kill`): stop cleanly
+            signal_name = getattr(exc, "signal_name", "SIGINT")
+            if current is not None and ledger.entries.get(str(current), {}).get("state") == "running":
+                ledger.mark(current, "pending", reason=f"interrupted by {signal_name}")
+            progress.clear()
+            events.emit("run_interrupted", current, signal=signal_name)
+            _fail(f"interrupted by {signal_name}: rerun the same command to go on (finished slides are kept, "
+                  "the interrupted one resumes from its checkpoints)", log_path)
+            interrupted = getattr(exc, "exit_code", 130)
     if len(slides) > 1 and not quiet:  # this run's slides
-        click.echo(f"{tally['done']} done, {tally['skipped']} skipped, {tally['failed']} failed ({ledger.path})")
+        click.echo(f"{tally['done']} done, {tally['skipped']} already done, {tally['failed']} failed ({ledger.path})")
     try:
         write_summary(out_dir)  # OUT/summary.csv and summary.html, failures first
     except OSError as exc:
         _fail(f"could not write the summary in {out_dir}: {exc}", log_path)
-    return finish(1 if tally["failed"] else 0)
+    return finish(interrupted if interrupted is not None else 1 if tally["failed"] else 0)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal turned into KeyboardInterrupt, so a run stops as it does on Ctrl-C:
+    the current slide's writers abort, its checkpoints stay for the rerun, the ledger, summary
+    and log are written.  exit_code: 128 + the signal's number (the shell's convention)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While the run lasts, SIGTERM (what `kill`, SLURM at its walltime, and docker stop send)
+    and SIGHUP (a closed terminal) interrupt it like Ctrl-C; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _clear_progress_before_log_records(stack: ExitStack, progress: Progress) -> None:

@@ -389,3 +389,55 @@ def test_final_line_counts_the_reports_nuclei(slides: dict[str, Path], tmp_path:
     counts = json.loads((tmp_path / "clean.report.json").read_text())["counts"]
     assert f"clean.svs: {counts['nuclei']:,} nuclei ->" in result.stdout
     assert counts["points_found"] >= counts["points_raw"] >= counts["prompts"] > 0
+
+
+# ---------------------------------------------------------------- a run stopped by SIGTERM (kill, SLURM walltime)
+
+
+def test_sigterm_stops_the_run_cleanly_and_the_rerun_equals_an_uninterrupted_run(
+    slides: dict[str, Path], tmp_path: Path
+) -> None:
+    import signal
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name in ("first", "second"):
+        shutil.copy(slides["clean"], cohort / f"{name}.svs")
+    whole = CliRunner().invoke(main, ["run", str(cohort), "-o", str(tmp_path / "whole"), *FAST, "-q"])
+    assert whole.exit_code == 0, whole.output
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsiseg.cli.main", "run", str(cohort), "-o", str(out), "--model", "classical",
+           "--workers", "1", "--batch-tiles", "1", "-q", "--log", str(tmp_path / "events.jsonl")]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the first slide done, the second under way
+            try:
+                states = json.loads((out / "wsiseg-ledger.json").read_text())["slides"]
+            except (OSError, ValueError):
+                states = {}
+            if states.get(str(cohort / "second.svs"), {}).get("state") == "running":
+                break
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.02)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)  # the local cluster shuts down: no hang
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    lines = _error_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted by SIGTERM: rerun the same command"), stderr
+    ledger = json.loads((out / "wsiseg-ledger.json").read_text())["slides"]
+    assert ledger[str(cohort / "first.svs")]["state"] == "done"
+    assert ledger[str(cohort / "second.svs")]["state"] == "pending"  # not left "running"
+    assert (out / "summary.csv").exists()
+    events = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[-2:] == ["run_interrupted", "run_end"]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    for name in ("first", "second"):
+        got, want = _centroids(out / f"{name}.zarr"), _centroids(tmp_path / "whole" / f"{name}.zarr")
+        np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])

@@ -151,7 +151,7 @@ def test_run_prints_plain_cohort_lines_when_not_on_a_terminal(first_run: tuple[R
     assert len(starts) == 7 and starts[0].startswith("slide 1/7: ") and starts[-1].startswith("slide 7/7: ")
     assert "\r" not in result.stdout + result.stderr
     assert starts[-1].startswith("slide 7/7: truncated.svs | 2/7 slides done, 4 failed | cohort ETA ")  # so far
-    assert "2 done, 0 skipped, 5 failed" in result.stdout
+    assert "2 done, 0 already done, 5 failed" in result.stdout
 
 
 def test_summary_lists_every_failure_first_with_its_reason(cohort: Path, first_run: tuple[Result, Path, Path]) -> None:
@@ -179,7 +179,7 @@ def test_rerun_does_nothing_for_finished_slides_and_retries_only_the_failed(
     for name in GOOD_SPECS:
         assert f"{name}: already done" in again.stdout
         assert (out / f"{Path(name).stem}.zarr" / "zarr.json").stat().st_mtime_ns == stamps[name]
-    assert "0 done, 2 skipped, 5 failed" in again.stdout
+    assert "0 done, 2 already done, 5 failed" in again.stdout
     errors = [ln for ln in again.stderr.splitlines() if ln.strip()]
     assert len(errors) == len(BAD) and all(sum(str(cohort / n) in ln for ln in errors) == 1 for n in BAD)  # again
     run2 = _runs(_events(log))[1]
