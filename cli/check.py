@@ -27,7 +27,7 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
     """Open every slide of PATHS (files, folders, manifest .csv files), sample the pipeline on
     its tissue and estimate tiles, nuclei, time and memory.  Exit code 1 when any slide is
     unusable, 2 for bad arguments."""
-    from wsiseg.cli.main import _expand_slides, _fail, _setup_logging
+    from wsiseg.cli.main import _check_inputs, _expand_slides, _fail, _setup_logging
     from wsiseg.preflight import CheckConfig, check_slide, load_model
     from wsiseg.readers.base import MPP_RANGE
     from wsiseg.scheduling import Runner, SchedulerConfig
@@ -38,6 +38,7 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
         lo, hi = MPP_RANGE
         _fail(f"--mpp {mpp} is outside {lo}-{hi} µm per pixel; give the scan resolution, e.g. 0.25", None)
         sys.exit(2)
+    _check_inputs(paths)  # a missing input is a usage error, as for `run`, before the model loads
     try:
         entries = expand_inputs(paths, _expand_slides)
     except ManifestError as exc:

@@ -129,3 +129,9 @@ def test_manifest_reads_overrides_and_skips_blank_rows(tmp_path: Path) -> None:
     a, b = read_manifest(manifest)
     assert a == SlideEntry(tmp_path / "sub/a.svs", 0.25, tmp_path / "r.geojson", "a1", f"{manifest}, row 2")
     assert b.path == Path("/abs/b.tif") and b.mpp is None and b.roi is None and b.output_name is None
+
+
+def test_a_missing_input_is_a_usage_error_before_the_model_loads(tmp_path: Path, svs_slide: Path) -> None:
+    code, out, err = _check(str(svs_slide), str(tmp_path / "nowhere.svs"))
+    assert code == 2 and out == ""  # as for `run`: nothing checked
+    assert err.strip() == f"error: {tmp_path / 'nowhere.svs'}: no such file or folder; check the path"
