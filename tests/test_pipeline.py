@@ -228,6 +228,12 @@ def test_resumed_run_equals_uninterrupted_and_recomputes_only_the_rest(
     assert calls["segment"] == n_batches - 3  # only the batches not saved before the kill
     assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)
     assert not work.exists()
+    assert result.report_data["resumed"] is True and baseline.report_data["resumed"] is False
+    from wsiseg.writers.report import report_warnings
+
+    said = report_warnings(result.report_data, n_nuclei=100, n_edge=0, low_score_share=None,
+                           median_area_um2=None, mpp=0.5)
+    assert any("resumed an interrupted one" in w for w in said)
 
 
 def test_a_run_detects_tissue_once_and_reports_the_area_it_used(

@@ -256,7 +256,8 @@ def _run(
     if config.prompts_file is None and shares_maps(prompter, segmentor):
         map_store = checkpoint.folder / "maps.zarr"
     tissue = None  # detected by the prompter stage; a resumed run detects it again for the report
-    if saved is not None and (map_store is None or map_store.exists()):
+    resumed = saved is not None and (map_store is None or map_store.exists())
+    if resumed:
         points, counts = saved
         log.info("%s: resuming from %s", slide_path.name, checkpoint.folder)
     else:
@@ -309,6 +310,7 @@ def _run(
             unreadable_tiles=unreadable,
         )
         report["identity"] = run_identity(slide_path, config)
+        report["resumed"] = resumed  # from an interrupted attempt's checkpoints: times cover only this attempt
         geojson_writer, zarr_writer = writers
         geojson_writer.close()
         zarr_writer.close(extra_attributes={"report": report})

@@ -250,6 +250,9 @@ def report_warnings(
             f"The median nucleus area is {median_area_um2:,.1f} µm², far from the usual {lo:.0f}-{hi:.0f} µm²: "
             f"the slide's resolution ({fmt_mpp(mpp)}) may be wrong; if so, rerun with --mpp."
         )
+    if report.get("resumed"):
+        out.append("This run resumed an interrupted one from its checkpoints: the times shown cover only the "
+                   "part done after the resume (the nuclei are those of an uninterrupted run).")
     if n_nuclei == 0:
         out.append("No nuclei were found: check the tissue outline and the region of interest.")
     return out
