@@ -427,24 +427,36 @@ def run(slides: tuple[str, ...], **kw: Any) -> None:
 @click.option("--size", type=click.IntRange(min=DEMO_MIN_SIZE_PX), default=2048, show_default=True,
               help=f"Side of the synthetic slide in px (>= {DEMO_MIN_SIZE_PX}).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--slide-only", "slide_only", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Only write the synthetic slide to PATH (.svs; e.g. to build a test cohort with "
+                   "several seeds), do not run.")
 @_run_options
-def demo(size: int, seed: int, **kw: Any) -> None:
+def demo(size: int, seed: int, slide_only: Path | None, **kw: Any) -> None:
     """Make a small synthetic H&E slide and run the whole pipeline on it (no downloads)."""
     from wsiseg.synthetic import SyntheticSpec, make_nuclei, write_svs_like
 
     out_dir: Path = kw.pop("out_dir")
     if out_dir == Path("results"):
         out_dir = Path("demo-out")
-    _check_out_dir(out_dir)
-    config = _prepare(out_dir, kw)
-    log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
-    slide = out_dir / "demo-slide.svs"
+    if slide_only is not None:
+        if slide_only.suffix.lower() != ".svs":
+            _usage_error(f"--slide-only {slide_only}: the synthetic slide is an Aperio-style .svs; name it NAME.svs")
+        if not slide_only.parent.is_dir():
+            _usage_error(f"--slide-only {slide_only}: folder {slide_only.parent} does not exist; create it first")
+        slide = slide_only
+    else:
+        _check_out_dir(out_dir)
+        config = _prepare(out_dir, kw)
+        log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
+        slide = out_dir / "demo-slide.svs"
     # a small slide is all tissue: a tissue blob with a margin would leave it without nuclei
     spec = SyntheticSpec(width=size, height=size, seed=seed, tissue_fraction=1.0 if size < 1024 else 0.6)
     levels = tuple(d for d in (1, 4, 16) if size // d >= 16)  # no pyramid level under 16 px
     truth = write_svs_like(slide, spec, make_nuclei(spec), levels=levels)
     if not kw["quiet"]:
         click.echo(f"wrote synthetic slide {slide} ({size}x{size} px, {len(truth)} nuclei)")
+    if slide_only is not None:
+        return
     sys.exit(_run_slides([slide], out_dir, config, kw, log_path))
 
 

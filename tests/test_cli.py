@@ -89,3 +89,21 @@ def test_prompt_selection_needs_a_probability_prompter(svs_slide: Path, tmp_path
                                        "--scheduler", "synchronous"])
     assert result.exit_code == 2  # a usage error: refused before any slide is read
     assert "--prompt-selection" in result.output
+
+
+def test_demo_slide_only_writes_a_slide_that_opens_and_runs_nothing(tmp_path: Path) -> None:
+    from wsiseg.readers import open_slide
+
+    slides = []
+    for seed in (1, 2):
+        path = tmp_path / "cohort" / f"case-{seed}.svs"
+        path.parent.mkdir(exist_ok=True)
+        result = CliRunner().invoke(main, ["demo", "--size", "256", "--seed", str(seed), "--slide-only", str(path)])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"wrote synthetic slide {path} (256x256 px, ")
+        slides.append(path.read_bytes())
+    assert slides[0] != slides[1]  # another seed, another slide
+    assert open_slide(tmp_path / "cohort" / "case-1.svs").properties.size_l0 == (256, 256)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["case-1.svs", "case-2.svs", "cohort"]  # no outputs
+    bad = CliRunner().invoke(main, ["demo", "--slide-only", str(tmp_path / "x.tif")])
+    assert bad.exit_code == 2 and "name it NAME.svs" in bad.stderr
