@@ -66,16 +66,17 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
 
 
 def _print_table(checks: list[Any], model: str, device: str, load_s: float) -> None:
-    rows = [_cells(c) for c in checks]
+    names = _short_names([Path(c.path) for c in checks])
+    rows = [[names[i], *_cells(c)[1:]] for i, c in enumerate(checks)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_COLUMNS)]
     click.echo("  ".join(h.ljust(w) for h, w in zip(_COLUMNS, widths)).rstrip())
     for row in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    notes = [(c, reason) for c in checks for reason in c.reasons]
+    notes = [(name, c, reason) for name, c in zip(names, checks) for reason in c.reasons]
     if notes:
         click.echo("")
-    for c, reason in notes:
-        click.echo(f"{Path(c.path).name}: {c.verdict}: {reason}")
+    for name, c, reason in notes:
+        click.echo(f"{name}: {c.verdict}: {reason}")
     click.echo("")
     click.echo(f"estimates for --model {model} --device {device}, one process (model load {load_s:.1f} s); "
                "Dask workers share the time and each needs the memory shown")
@@ -85,7 +86,19 @@ def _print_table(checks: list[Any], model: str, device: str, load_s: float) -> N
     total = sum(timed) - load_s * max(len(timed) - 1, 0)  # a run loads the model once, not per slide
     slides = f"{len(checks)} slide{'s' if len(checks) != 1 else ''}"
     click.echo(f"{slides}: {len(checks) - unusable - warned} ok, {warned} warning, {unusable} unusable; "
-               f"about {_duration(total)} in all")
+               f"about {_duration(total)} in all as one run (each row's time includes the model load, "
+               "which a run pays once)")
+
+
+def _short_names(paths: list[Path]) -> list[str]:
+    """Each path relative to the folder all share (a cohort's subfolders stay visible)."""
+    import os
+
+    if not paths:
+        return []
+    resolved = [p.resolve() for p in paths]
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    return [str(r.relative_to(common)) for r in resolved]
 
 
 def _cells(c: Any) -> list[str]:

@@ -135,3 +135,17 @@ def test_a_missing_input_is_a_usage_error_before_the_model_loads(tmp_path: Path,
     code, out, err = _check(str(svs_slide), str(tmp_path / "nowhere.svs"))
     assert code == 2 and out == ""  # as for `run`: nothing checked
     assert err.strip() == f"error: {tmp_path / 'nowhere.svs'}: no such file or folder; check the path"
+
+
+def test_table_names_slides_relative_to_the_cohort_folder(tmp_path: Path, svs_slide: Path, text_as_svs: Path) -> None:
+    import shutil
+
+    (tmp_path / "cohort" / "sub").mkdir(parents=True)
+    shutil.copy(svs_slide, tmp_path / "cohort" / "good.svs")
+    shutil.copy(text_as_svs, tmp_path / "cohort" / "sub" / "good.svs")  # the same name in a subfolder
+    code, out, _ = _check(str(tmp_path / "cohort"))
+    assert code == 1
+    rows = [line.split()[0] for line in out.splitlines()[1:3]]
+    assert sorted(rows) == ["good.svs", "sub/good.svs"]
+    assert "sub/good.svs: unusable: no reader could open it" in out
+    assert "in all as one run" in out
