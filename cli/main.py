@@ -235,7 +235,7 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
     from wsiseg.slide_manifest import entry_config, requested_output_names
     from wsiseg.summary import write_summary
     from wsiseg.disk_space import disk_full_error, is_disk_full
-    from wsiseg.scheduling import Runner, SchedulerError
+    from wsiseg.scheduling import Runner, SchedulerConfig, SchedulerError
     from wsiseg.cohort import Ledger, output_names, slide_stem
     from wsiseg.pipeline import completed_outputs
 
@@ -259,8 +259,14 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
     ledger = Ledger(out_dir, slides)
     progress = Progress(enabled=not quiet, slides_total=len(slides))
     with ExitStack() as stack:
+        slide_configs = {s: entry_config(config, next((e for e in entries if e.path == s), None)) for s in slides}
+        finished = {s: None if kw["overwrite"] else completed_outputs(s, out_dir, slide_configs[s], names[s])
+                    for s in slides}
+        # a rerun of a finished cohort starts no Dask cluster: there is nothing to compute
+        synchronous = all(done is not None for done in finished.values())
         try:
-            runner = stack.enter_context(Runner(config.scheduler))
+            runner = stack.enter_context(Runner(SchedulerConfig(scheduler="synchronous") if synchronous
+                                                else config.scheduler))
         except SchedulerError as exc:  # an unreachable scheduler, no sbatch: nothing ran
             _fail(str(exc), log_path)
             return finish(1)
@@ -277,10 +283,10 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
             for index, slide in enumerate(slides, 1):
                 name = names[slide]
                 entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
-                slide_config = entry_config(config, entry)
+                slide_config = slide_configs[slide]
                 if name not in (slide_stem(slide), entry and entry.output_name) and not quiet:
                     click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
-                done = None if kw["overwrite"] else completed_outputs(slide, out_dir, slide_config, name)
+                done = finished[slide]
                 if done is not None:
                     # still done: the ledger and summary keep its result (this run's tally says skipped)
                     ledger.mark(slide, "done", report=str(done), nuclei=_report_nuclei(done), already_done=True)

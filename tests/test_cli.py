@@ -107,3 +107,19 @@ def test_demo_slide_only_writes_a_slide_that_opens_and_runs_nothing(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["case-1.svs", "case-2.svs", "cohort"]  # no outputs
     bad = CliRunner().invoke(main, ["demo", "--slide-only", str(tmp_path / "x.tif")])
     assert bad.exit_code == 2 and "name it NAME.svs" in bad.stderr
+
+
+def test_rerun_of_a_finished_run_starts_no_dask_cluster(svs_slide: Path, tmp_path: Path) -> None:
+    import json
+
+    out, log = tmp_path / "out", tmp_path / "events.jsonl"
+    args = ["run", str(svs_slide), "-o", str(out), "--model", "classical", "--workers", "1", "--log", str(log)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "Dask dashboard:" in first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "already done" in again.output and "Dask dashboard:" not in again.output
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    second = events[next(i for i, e in enumerate(events[1:], 1) if e["event"] == "run_start"):]
+    assert [e["event"] for e in second] == ["run_start", "slide_skipped", "run_end"]
