@@ -31,7 +31,7 @@ def test_same_stem_different_extension_gives_two_output_sets(tmp_path: Path) -> 
     result = CliRunner().invoke(main, ["run", str(slides), "-o", str(out), *RUN])
     assert result.exit_code == 0, result.output
     assert "outputs named slide_svs" in result.output and "outputs named slide_tiff" in result.output
-    assert "already done" not in result.output
+    assert ": already done (" not in result.output
     svs, tif = _report(out, "slide_svs"), _report(out, "slide_tiff")
     assert svs["source"]["path"] == str((slides / "slide.svs").resolve())
     assert tif["source"]["path"] == str((slides / "slide.tiff").resolve())
@@ -48,7 +48,7 @@ def test_a_replaced_scan_under_the_same_name_is_run_again(tmp_path: Path) -> Non
     assert CliRunner().invoke(main, ["run", str(slide), "-o", str(out), *RUN]).exit_code == 0
     first = _report(out, "slide")["counts"]["nuclei"]
     again = CliRunner().invoke(main, ["run", str(slide), "-o", str(out), *RUN])
-    assert "already done" in again.output
+    assert ": already done (" in again.output
     # a new scan under the same name: different pixels, size and mtime
     replacement = tmp_path / "new.svs"
     second_truth = write_svs_like(replacement, OTHER, make_nuclei(OTHER))
@@ -57,7 +57,7 @@ def test_a_replaced_scan_under_the_same_name_is_run_again(tmp_path: Path) -> Non
     os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     rerun = CliRunner().invoke(main, ["run", str(slide), "-o", str(out), *RUN])
     assert rerun.exit_code == 0, rerun.output
-    assert "already done" not in rerun.output
+    assert ": already done (" not in rerun.output
     second = _report(out, "slide")["counts"]["nuclei"]
     assert len(first_truth) != len(second_truth)
     assert abs(second - len(second_truth)) < abs(second - len(first_truth))
@@ -96,5 +96,5 @@ def test_changed_parameters_are_not_already_done(tmp_path: Path) -> None:
     base = ["run", str(slide), "-o", str(out), "--mpp", "0.5", *RUN]
     assert CliRunner().invoke(main, base).exit_code == 0
     changed = CliRunner().invoke(main, [*base, "--min-score", "0.2"])
-    assert changed.exit_code == 0 and "already done" not in changed.output
+    assert changed.exit_code == 0 and ": already done (" not in changed.output
     assert _report(out, "slide")["parameters"]["min_score"] == 0.2
