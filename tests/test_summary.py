@@ -145,7 +145,7 @@ def test_summary_rows_take_tissue_area_from_the_report_and_leave_unknowns_empty(
     csv_path, html_path = write_summary(tmp_path)
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "slide,state,reason,nuclei,tissue_area_mm2,nuclei_per_mm2,time_s,model,mpp,warnings,report"
-    assert lines[1].startswith("s/bad.svs,failed,s/bad.svs: file is truncated; copy it again,")
+    assert lines[1].startswith("s/bad.svs,failed,file is truncated; copy it again,")
     assert _refs(html_path).hrefs == ["with_area.report.json", "no_area.report.json"]
 
 
