@@ -276,8 +276,9 @@ class TinyTask:
     def export(self, out_dir: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
         r = self.recipe
         training = {
+            # paths on the training machine stay out (init_sha256 names the starting weights)
             "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()
-                       if k not in ("data", "card")},
+                       if k not in ("data", "card", "init_bundle")},
             "train_images": len(self.images),
             "validation_images": [it.name for it in self.val],
             "last_epoch": history[-1] if history else None,
