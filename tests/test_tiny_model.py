@@ -293,3 +293,19 @@ def test_network_maps_do_not_depend_on_batching_and_folded_batchnorm_keeps_the_f
     three = DenseMapNet(net, settings=MapSettings(batch=3)).predict_maps(tiles)
     assert DenseMapNet(net).batch == 1  # the CPU default
     np.testing.assert_allclose(one, three, atol=1e-5)
+
+
+def test_core_score_is_the_centre_peak_when_asked_and_the_foreground_mean_by_default() -> None:
+    labels = _two_touching_discs()
+    maps = _maps_of(labels).copy()
+    maps[1] = np.where(labels == 1, 0.2, np.where(labels == 2, 0.8, 0.0))  # an unsure and a sure centre
+    maps[0] = np.where(labels > 0, 0.95, 0.0)
+    by_centre = peak_points(maps, PeakSettings(source="distance", score="centre", threshold=0.0))
+    by_foreground = peak_points(maps, PeakSettings(source="distance", threshold=0.0))
+    order = np.argsort(by_centre.xy[:, 0])
+    np.testing.assert_allclose(by_centre.score[order], [0.2, 0.8], atol=1e-6)
+    np.testing.assert_allclose(by_foreground.score, [0.95, 0.95], atol=1e-6)
+    kept = peak_points(maps, PeakSettings(source="distance", score="centre", threshold=0.5))
+    assert len(kept) == 1 and kept.score[0] == pytest.approx(0.8)  # the threshold now drops the unsure one
+    with pytest.raises(ValueError, match="score must be"):
+        PeakSettings(score="area")

@@ -66,6 +66,9 @@ class TinyRecipe:
     threshold: float = 0.3
     prompt_source: str = "centre"
     core_threshold: float = 0.5
+    #: the prompter's point score: "foreground" (core's mean foreground probability) or "centre"
+    #: (the centre heatmap's peak in the core; see wsiseg.models.tiny.prompter)
+    score: str = "foreground"
     min_distance_px: int = 4
     foreground_threshold: float = 0.5
     max_nucleus_diameter_px: int = 64
@@ -246,7 +249,7 @@ class TinyTask:
                 "prompter": {
                     "architecture": "tiny_prompter",
                     "config": {**common, "threshold": r.threshold, "source": r.prompt_source,
-                               "core_threshold": r.core_threshold,
+                               "core_threshold": r.core_threshold, "score": r.score,
                                "min_distance_px": r.min_distance_px,
                                "foreground_threshold": r.foreground_threshold, "context_px": r.context_px},
                     "weights": dict(weights),
@@ -344,7 +347,7 @@ def train_tiny(
 def _run_settings(recipe: TinyRecipe) -> dict[str, Any]:
     """What must not change when a run is resumed: the training recipe (inference settings and
     the model card only shape the exported bundle, so they may)."""
-    inference = {"threshold", "prompt_source", "core_threshold", "min_distance_px", "foreground_threshold",
+    inference = {"threshold", "prompt_source", "core_threshold", "score", "min_distance_px", "foreground_threshold",
                  "max_nucleus_diameter_px", "nms_radius_px", "k_negatives", "context_px", "inference_precision",
                  "tile_px", "card", "name", "version", "validate_every", "data"}
     return {k: v for k, v in asdict(recipe).items() if k not in inference}

@@ -8,7 +8,9 @@ pixel-edge frame; the score is the heatmap value.
 
 source "distance" (the distance-map watershed baseline's markers, e.g. Naylor et al. 2019):
 one point per 8-connected component of (distance > core_threshold (0.5) and foreground), at the component's
-pixel of largest distance; the score is the component's mean foreground probability.
+pixel of largest distance; the score is the component's mean foreground probability
+(score "foreground") or the centre heatmap's largest value in the component (score "centre":
+how sure the network is that one nucleus centre lies there).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PeakSettings:
     foreground_threshold: float = 0.5
     source: str = "centre"
     core_threshold: float = 0.5
+    score: str = "foreground"
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold < 1 or not 0 <= self.foreground_threshold < 1:
@@ -51,6 +54,8 @@ class PeakSettings:
             raise ValueError(f"core_threshold must be in (0, 1), got {self.core_threshold}")
         if self.source not in ("centre", "distance"):
             raise ValueError(f"source must be 'centre' or 'distance', got {self.source!r}")
+        if self.score not in ("foreground", "centre"):
+            raise ValueError(f"score must be 'foreground' or 'centre', got {self.score!r}")
 
 
 def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
@@ -81,7 +86,10 @@ def core_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
         return PointSet.empty()
     index = np.arange(1, n + 1)
     peaks = ndi.maximum_position(maps[DISTANCE], groups, index)
-    score = np.asarray(ndi.mean(maps[FOREGROUND], groups, index), np.float32)
+    if settings.score == "centre":
+        score = np.asarray(ndi.maximum(maps[CENTRE], groups, index), np.float32)
+    else:
+        score = np.asarray(ndi.mean(maps[FOREGROUND], groups, index), np.float32)
     yx = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
     keep = score > settings.threshold
     return PointSet(yx[keep][:, ::-1] + 0.5, score[keep], np.zeros(int(keep.sum()), np.int16))
@@ -151,6 +159,7 @@ class TinyPrompter:
                 foreground_threshold=float(config.get("foreground_threshold", 0.5)),
                 source=str(config.get("source", "centre")),
                 core_threshold=float(config.get("core_threshold", 0.5)),
+                score=str(config.get("score", "foreground")),
             )
         except ValueError as exc:
             raise ValueError(f"bundle {bundle.path}: {exc}") from exc
