@@ -259,7 +259,8 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
     ledger = Ledger(out_dir, slides)
     progress = Progress(enabled=not quiet, slides_total=len(slides))
     with ExitStack() as stack:
-        slide_configs = {s: entry_config(config, next((e for e in entries if e.path == s), None)) for s in slides}
+        slide_entries = {s: next((e for e in entries if e.path == s), None) for s in slides}  # a manifest row's
+        slide_configs = {s: entry_config(config, slide_entries[s]) for s in slides}  # mpp, roi, output_name
         finished = {s: None if kw["overwrite"] else completed_outputs(s, out_dir, slide_configs[s], names[s])
                     for s in slides}
         # a rerun of a finished cohort starts no Dask cluster: there is nothing to compute
@@ -282,8 +283,7 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
         try:
             for index, slide in enumerate(slides, 1):
                 name = names[slide]
-                entry = next((e for e in entries if e.path == slide), None)  # a manifest row's mpp, roi, output_name
-                slide_config = slide_configs[slide]
+                entry, slide_config = slide_entries[slide], slide_configs[slide]
                 if name not in (slide_stem(slide), entry and entry.output_name) and not quiet:
                     click.echo(f"{slide.name}: outputs named {name} ({slide_stem(slide)} is another slide's name)")
                 done = finished[slide]

@@ -412,9 +412,7 @@ def test_cluster_options_are_checked_before_anything_runs(
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))  # no SLURM here
     _expect_usage_errors(no_sbatch, slides["a"], out)
-    fake = bin_dir / "sbatch"  # a login node's sbatch, never called: the options fail first
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
+    _fake_sbatch(bin_dir, "exit 1")  # a login node's sbatch, never called: the options fail first
     _expect_usage_errors(with_sbatch, slides["a"], out)
 
 
@@ -427,11 +425,8 @@ def test_a_job_script_slurm_refuses_stops_the_run_at_once_in_one_line(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "sbatch-calls"
-    fake = bin_dir / "sbatch"  # SLURM's answer to a partition that does not exist
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
-                    "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
-                    "exit 1\n")
-    fake.chmod(0o755)
+    _fake_sbatch(bin_dir, f"echo \"$@\" >> {calls}\n"  # SLURM's answer to a partition that does not exist
+                 "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\nexit 1")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "out"
     t = time.monotonic()
@@ -445,6 +440,13 @@ def test_a_job_script_slurm_refuses_stops_the_run_at_once_in_one_line(
     assert str(config_file) in lines[0]
     assert calls.read_text().split()[0] == "--test-only"  # validated, never submitted
     assert len(calls.read_text().splitlines()) == 1
+
+
+def _fake_sbatch(bin_dir: Path, body: str) -> None:
+    """An executable `sbatch` shell script in bin_dir running `body` (no SLURM here)."""
+    fake = bin_dir / "sbatch"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
 
 
 def _expect_usage_errors(runs: dict[str, list[str]], slide: Path, out: Path) -> None:

@@ -149,4 +149,3 @@ def reason_without_slide(reason: str, slide: str | os.PathLike[str]) -> str:
         if prefix and reason.startswith(f"{prefix}: "):
             return reason[len(prefix) + 2 :]
     return reason
-

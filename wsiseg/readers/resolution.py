@@ -180,4 +180,3 @@ def upsampling_warning(slide_mpp: float | None, model_mpp: float | None) -> str 
         return None
     return (f"the slide ({slide_mpp:.3g} µm/px) is {slide_mpp / model_mpp:.1f}x coarser than the model's "
             f"{model_mpp:.3g} µm/px: nuclei are upsampled and small ones may be missed")
-

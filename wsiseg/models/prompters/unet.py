@@ -10,9 +10,8 @@ pads); output (B, out_channels, H, W) logits.  Parameter names: `down.i`, `up.i`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -97,4 +96,3 @@ class UNet(nn.Module):
                 block[conv_at] = fuse_conv_bn_eval(conv, norm)
                 block[conv_at + 1] = nn.Identity()
         return fused
-
