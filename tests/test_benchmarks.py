@@ -126,7 +126,8 @@ def test_cohort_benchmark_records_startup_overhead_per_slide_for_both_ways(bench
         assert parts[key] > 0, (key, parts[key])
     assert parts["dask_cluster_start_s"] >= 0 and parts["dask_cluster_stop_s"] >= 0
     assert parts["torch_import_s"] == 0.0  # the classical model runs without torch
-    assert record["startup_paid_s"]["separate"] == pytest.approx(2 * record["startup_paid_s"]["cohort"], rel=1e-3)
+    # each figure is rounded to the millisecond on its own, so the two may differ by one unit of rounding
+    assert record["startup_paid_s"]["separate"] == pytest.approx(2 * record["startup_paid_s"]["cohort"], abs=2e-3)
     assert not (tmp_path / "cohort-work").exists()
 
 
