@@ -309,3 +309,28 @@ def test_core_score_is_the_centre_peak_when_asked_and_the_foreground_mean_by_def
     assert len(kept) == 1 and kept.score[0] == pytest.approx(0.8)  # the threshold now drops the unsure one
     with pytest.raises(ValueError, match="score must be"):
         PeakSettings(score="area")
+
+
+def test_core_points_equal_scipys_maxima_and_break_ties_by_raster_order_wherever_the_core_lies() -> None:
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((3, 120, 160)).astype(np.float32)
+    maps[2] = ndi.gaussian_filter(maps[2], 3)
+    maps[2] = (maps[2] - maps[2].min()) / (maps[2].max() - maps[2].min())  # no equal maxima
+    settings = PeakSettings(source="distance", score="centre", threshold=0.0)
+    points = peak_points(maps, settings)
+    groups, n = ndi.label((maps[2] > 0.5) & (maps[0] > 0.5), structure=np.ones((3, 3), bool))
+    index = np.arange(1, n + 1)
+    expected = np.asarray(ndi.maximum_position(maps[2], groups, index), np.float64).reshape(-1, 2)[:, ::-1] + 0.5
+    assert n > 20 and np.array_equal(points.xy, expected)
+    assert np.array_equal(points.score, np.asarray(ndi.maximum(maps[1], groups, index), np.float32))
+    # a saturated core: a 5x5 plateau of equal maxima gives its first pixel in raster order,
+    # the same pixel of the core wherever the core sits in the tile
+    for oy, ox in ((10, 10), (37, 91), (70, 3)):
+        flat = np.zeros((3, 96, 128), np.float32)
+        flat[0:2, oy : oy + 9, ox : ox + 9] = 1.0
+        flat[2, oy : oy + 9, ox : ox + 9] = 0.7
+        flat[2, oy + 2 : oy + 7, ox + 2 : ox + 7] = 1.0
+        point = peak_points(flat, settings)
+        assert len(point) == 1 and np.array_equal(point.xy[0], [ox + 2.5, oy + 2.5])

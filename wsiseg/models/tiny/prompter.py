@@ -79,20 +79,30 @@ def peak_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
 
 
 def core_points(maps: np.ndarray, settings: PeakSettings) -> PointSet:
-    """One point per connected core (distance > 0.5 on foreground) of (3, H, W) maps."""
+    """One point per connected core (distance > 0.5 on foreground) of (3, H, W) maps.
+
+    The point is the pixel centre of the core's distance maximum; among equal maxima the first
+    in raster order (so a point does not depend on where its core lies in the tile).  Works on
+    the core pixels only: one sort of them, not of the whole tile.
+    """
     core = (maps[DISTANCE] > settings.core_threshold) & (maps[FOREGROUND] > settings.foreground_threshold)
     groups, n = ndi.label(core, structure=np.ones((3, 3), bool))
     if n == 0:
         return PointSet.empty()
-    index = np.arange(1, n + 1)
-    peaks = ndi.maximum_position(maps[DISTANCE], groups, index)
+    flat = groups.ravel()
+    where = np.flatnonzero(flat)  # raster order
+    label = flat[where]
+    by_label = np.lexsort((-maps[DISTANCE].ravel()[where], label))  # stable: ties stay in raster order
+    firsts = np.flatnonzero(np.r_[True, np.diff(label[by_label]) != 0])
+    rows, cols = np.divmod(where[by_label[firsts]], maps.shape[2])
     if settings.score == "centre":
-        score = np.asarray(ndi.maximum(maps[CENTRE], groups, index), np.float32)
+        score = np.full(n, -np.inf, np.float32)
+        np.maximum.at(score, label - 1, maps[CENTRE].ravel()[where])
     else:
-        score = np.asarray(ndi.mean(maps[FOREGROUND], groups, index), np.float32)
-    yx = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+        score = np.asarray(ndi.mean(maps[FOREGROUND], groups, np.arange(1, n + 1)), np.float32)
     keep = score > settings.threshold
-    return PointSet(yx[keep][:, ::-1] + 0.5, score[keep], np.zeros(int(keep.sum()), np.int16))
+    xy = np.stack([cols[keep], rows[keep]], axis=1).astype(np.float64) + 0.5
+    return PointSet(xy, score[keep], np.zeros(int(keep.sum()), np.int16))
 
 
 class TinyPrompter:
