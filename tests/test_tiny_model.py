@@ -267,10 +267,10 @@ def test_a_run_started_from_a_bundle_starts_from_its_weights_and_refuses_other_o
         _recipe(tmp_path, init_bundle=str(first))
 
 
-def test_network_maps_do_not_depend_on_batching_and_folded_batchnorm_keeps_the_function() -> None:
+def test_network_maps_do_not_depend_on_batching_and_the_inference_form_keeps_the_function() -> None:
     import torch
 
-    from wsiseg.models.prompters.unet import UNet, UNetConfig
+    from wsiseg.models.prompters.unet import ConcatConv, UNet, UNetConfig
     from wsiseg.models.tiny.maps import DenseMapNet, MapSettings
 
     torch.manual_seed(0)
@@ -285,8 +285,11 @@ def test_network_maps_do_not_depend_on_batching_and_folded_batchnorm_keeps_the_f
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         np.testing.assert_allclose(net.fused_for_inference()(x).numpy(), net(x).numpy(), atol=1e-4, rtol=1e-4)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.fused_for_inference().modules())
+    fused = net.fused_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert all(isinstance(block[0], ConcatConv) for block in fused.merge)  # no concatenated copies
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    assert not any(isinstance(m, ConcatConv) for m in net.modules())
 
     tiles = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     one = DenseMapNet(net, settings=MapSettings(batch=1)).predict_maps(tiles)

