@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wsiseg.readers import MissingMppError, ScaledSlide, open_slide
-from wsiseg.readers.scaled import axis_weights, choose_level
+from wsiseg.readers.scaled import axis_weights, choose_level, dyadic_denominator, resample_float, resample_integer
 from wsiseg.synthetic import SyntheticSpec, render_region
 
 
@@ -157,3 +157,19 @@ def test_missing_mpp_and_bad_targets_are_refused(no_mpp_tiff: Path, svs_slide: P
             ScaledSlide(open_slide(svs_slide), bad)
     with pytest.raises(ValueError, match="tolerance"):
         ScaledSlide(open_slide(svs_slide), 0.5, tolerance=0.7)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.125, 0.75, 2.0, 4.0, 8.0])
+def test_integer_resampling_gives_the_float_paths_bytes_for_dyadic_weights(ratio: float) -> None:
+    rng = np.random.default_rng(int(ratio * 1000))
+    for start in (0, 7, 1001):
+        ix, wx = axis_weights(start, 96, ratio)
+        iy, wy = axis_weights(start + 3, 80, ratio)
+        ix, iy = ix - ix.min(), iy - iy.min()
+        patch = rng.integers(0, 256, (int(iy.max()) + 1, int(ix.max()) + 1, 3), dtype=np.uint8)
+        patch[:4], patch[4:8] = 255, 0  # flat runs: many sums land exactly on .5
+        kx, ky = dyadic_denominator(wx), dyadic_denominator(wy)
+        assert kx is not None and ky is not None
+        fast = resample_integer(patch, ix, np.rint(wx * kx), iy, np.rint(wy * ky), kx * ky)
+        assert np.array_equal(fast, resample_float(patch, ix, wx, iy, wy))
+    assert dyadic_denominator(axis_weights(0, 50, 1.5)[1]) is None  # thirds: the float path

@@ -68,6 +68,62 @@ def axis_weights(start: int, count: int, ratio: float) -> tuple[np.ndarray, np.n
     return index.astype(np.int64), weight.astype(np.float32)
 
 
+#: Largest kx * ky for which float32 resampling with weights m / kx, n / ky is exact (every
+#: partial sum is a multiple of 1 / (kx * ky) below 256: 8 + 12 bits of the 24 of float32).
+_MAX_INTEGER_DENOMINATOR = 4096
+
+
+def dyadic_denominator(weight: np.ndarray, limit: int = 64) -> int | None:
+    """The smallest power of two k <= limit with every weight * k an integer, else None
+    (e.g. 4 for 2x upsampling's 1/4 and 3/4, 2 for 2x downsampling's 1/2)."""
+    k = 1
+    while k <= limit:
+        scaled = weight.astype(np.float64) * k
+        if np.array_equal(scaled, np.rint(scaled)):
+            return k
+        k *= 2
+    return None
+
+
+def resample_float(patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray) -> np.ndarray:
+    """Separable resampling: (h, w, 3) uint8 from a uint8 patch, with source indices ix (w, T)
+    and iy (h, T) into the patch and float32 weights wx, wy (`axis_weights`); rounds half to even."""
+    rows = np.zeros((patch.shape[0], ix.shape[0], 3), np.float32)
+    for t in range(ix.shape[1]):
+        rows += wx[:, t, None] * patch[:, ix[:, t]]
+    out = np.zeros((iy.shape[0], ix.shape[0], 3), np.float32)
+    for t in range(iy.shape[1]):
+        out += wy[:, t, None, None] * rows[iy[:, t]]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resample_integer(
+    patch: np.ndarray, ix: np.ndarray, mx: np.ndarray, iy: np.ndarray, my: np.ndarray, denominator: int
+) -> np.ndarray:
+    """Separable resampling in integers: (h, w, 3) uint8 from a uint8 patch, with weights
+    mx / kx along x and my / ky along y (mx, my integer-valued, kx * ky = denominator).
+
+    The same bytes as `resample_float` with weights mx / kx, my / ky:
+    that path is exact for such weights (see `_MAX_INTEGER_DENOMINATOR`) and rounds half to
+    even (np.rint); this one does the same sums in uint16/uint32 without float conversions.
+    denominator: a power of two.
+    """
+    acc = np.uint16 if 255 * denominator < 2**16 else np.uint32
+    mx, my = mx.astype(acc), my.astype(acc)
+    rows = np.zeros((patch.shape[0], ix.shape[0], 3), acc)
+    for t in range(ix.shape[1]):
+        rows += mx[:, t, None] * patch[:, ix[:, t]]
+    total = np.zeros((iy.shape[0], ix.shape[0], 3), acc)
+    for t in range(iy.shape[1]):
+        total += my[:, t, None, None] * rows[iy[:, t]]
+    # round half to even, k = 2**s: floor((total + k/2 - 1 + [floor(total / k) is odd]) / k)
+    shift = acc(denominator.bit_length() - 1)
+    odd = (total >> shift) & acc(1)
+    total += acc(max(denominator // 2 - 1, 0))
+    total += odd if denominator > 1 else acc(0)
+    return (total >> shift).astype(np.uint8)
+
+
 class ScaledSlide:
     """A slide seen at `target_mpp`: `read` returns working-frame pixels, square at target_mpp.
 
@@ -130,13 +186,10 @@ class ScaledSlide:
         patch = self._read_level(lx, ly, int(ix.max()) - lx + 1, int(iy.max()) - ly + 1)
         ix -= lx
         iy -= ly
-        rows = np.zeros((patch.shape[0], w, 3), np.float32)
-        for t in range(ix.shape[1]):
-            rows += wx[:, t, None] * patch[:, ix[:, t]]
-        out = np.zeros((h, w, 3), np.float32)
-        for t in range(iy.shape[1]):
-            out += wy[:, t, None, None] * rows[iy[:, t]]
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        kx, ky = dyadic_denominator(wx), dyadic_denominator(wy)
+        if kx and ky and kx * ky <= _MAX_INTEGER_DENOMINATOR:
+            return resample_integer(patch, ix, np.rint(wx * kx), iy, np.rint(wy * ky), kx * ky)
+        return resample_float(patch, ix, wx, iy, wy)
 
     def _read_level(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 pixels [x, x + w) x [y, y + h) of the chosen level (level px)."""
