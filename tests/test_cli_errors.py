@@ -50,6 +50,22 @@ def _damage_tile(path: Path, index: int, page: int = 0) -> None:
         f.write(bytes(count))
 
 
+def _cut_tile(path: Path, index: int, how: str) -> None:
+    """Damage one tile the way decoders may accept (TiffSlide decodes both with grey, no
+    error): its second half zeroed ("tail"), or its byte count shortened to half ("short")."""
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if how == "short":
+            counts = list(page.databytecounts)
+            counts[index] = count // 2
+            page.tags["TileByteCounts"].overwrite(counts)
+            return
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(bytes(count - count // 2))
+
+
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("cli-errors")
@@ -58,9 +74,12 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     damaged = folder / "damaged.svs"
     shutil.copy(clean, damaged)
     _damage_tile(damaged, BAD_INDEX)
+    for how in ("tail", "short"):
+        shutil.copy(clean, folder / f"{how}.svs")
+        _cut_tile(folder / f"{how}.svs", BAD_INDEX, how)
     no_mpp = folder / "no-mpp.tif"
     write_generic_tiff(no_mpp, SyntheticSpec(256, 256, seed=5), mpp=None, levels=(1,))
-    return {"clean": clean, "damaged": damaged, "no_mpp": no_mpp}
+    return {"clean": clean, "damaged": damaged, "no_mpp": no_mpp, "tail": folder / "tail.svs", "short": folder / "short.svs"}
 
 
 def _error_lines(text: str) -> list[str]:
@@ -178,6 +197,39 @@ def test_guarded_reader_names_the_damaged_tile_and_keeps_reading_the_rest(
     # the reader still reads after the decoder's failure (OpenSlide refuses every read after one)
     top_left = open_slide(slides["clean"], backend=backend).read_region((0, 0), 0, (200, 200))
     assert np.array_equal(reader.read_region((0, 0), 0, (200, 200)), top_left)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("how", ["tail", "short"])
+def test_a_tile_cut_short_that_decoders_accept_is_named_and_skipped_like_any_damaged_tile(
+    slides: dict[str, Path], backend: str, how: str
+) -> None:
+    from wsiseg.readers import open_slide
+    from wsiseg.workers import DamagedSlideError, GuardedReader
+
+    region = ((100, 100), 0, (400, 400))
+    with pytest.raises(DamagedSlideError, match=rf"level 0, region x={BAD_X} y={BAD_Y} .*end-of-image marker"):
+        GuardedReader(open_slide(slides[how], backend=backend)).read_region(*region)
+    reader = GuardedReader(open_slide(slides[how], backend=backend), "skip")
+    got = reader.read_region(*region)
+    want = open_slide(slides["clean"], backend=backend).read_region(*region)
+    assert (got[156:, 156:] == 255).all() and np.array_equal(got[:156], want[:156])
+    assert [(t.level, t.x_l0, t.y_l0) for t in reader.take_bad_tiles()] == [(0, BAD_X, BAD_Y)]
+
+
+def test_codestream_end_marker_rule_accepts_zero_padding_and_refuses_cut_data(tmp_path: Path) -> None:
+    from wsiseg.readers.codestream_check import damaged_reason
+
+    path = tmp_path / "bytes"
+    whole = b"\xff\xd8" + bytes(range(1, 200)) + b"\xff\xd9"
+    path.write_bytes(whole + bytes(300) + whole[:100] + whole[:50] + bytes(60))
+    with open(path, "rb") as fh:
+        assert damaged_reason(fh, 0, len(whole)) is None
+        assert damaged_reason(fh, 0, len(whole) + 300) is None  # zero padding after the marker
+        assert "end-of-image marker" in damaged_reason(fh, len(whole) + 300, 100)  # type: ignore[operator]
+        assert "end-of-image marker" in damaged_reason(fh, len(whole) + 400, 110)  # type: ignore[operator]
+        assert "end-of-image marker" in damaged_reason(fh, len(whole) + 1, 299)  # type: ignore[operator]
+        assert damaged_reason(fh, 0, 0) is None  # a sparse tile
 
 
 def test_a_failure_no_tile_reproduces_is_raised_unchanged(slides: dict[str, Path]) -> None:

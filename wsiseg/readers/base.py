@@ -185,6 +185,7 @@ class BaseSlideReader:
     def __init__(self, path: Path, *, mpp: float | None = None) -> None:
         self.path = Path(path)
         self.mpp_override = mpp
+        self._codestreams: Any = None  # wsiseg.readers.codestream_check.CodestreamCheck, on first read
 
     def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
@@ -195,7 +196,19 @@ class BaseSlideReader:
         return read_thumbnail(self, max_size)
 
     def close(self) -> None:
-        """Release the file; subclasses close their handle."""
+        """Release the file; subclasses close their handle and call this."""
+        if self._codestreams is not None:
+            self._codestreams.close()
+
+    def _check_codestreams(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        """Raise ValueError when a tile of the region [x, x + w) x [y, y + h) (level px) is a
+        JPEG / JPEG 2000 codestream cut short or overwritten, which decoders accept silently
+        (`wsiseg.readers.codestream_check`)."""
+        if self._codestreams is None:
+            from wsiseg.readers.codestream_check import CodestreamCheck
+
+            self._codestreams = CodestreamCheck(self.path)
+        self._codestreams.check(self.properties.level_dimensions[level], x, y, w, h)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "mpp": self.mpp_override}

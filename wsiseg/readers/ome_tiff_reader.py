@@ -174,6 +174,7 @@ class OmeTiffReader(BaseSlideReader):
         level_size = self._check_level(level)
         ds = self.properties.level_downsamples[level]
         x, y = int(round(location_l0[0] / ds)), int(round(location_l0[1] / ds))
+        self._check_codestreams(level, x, y, int(size[0]), int(size[1]))
         array = self._level_array(level)
         return read_clipped(
             level_size, (x, y), (int(size[0]), int(size[1])), lambda x0, y0, x1, y1: array[y0:y1, x0:x1]
@@ -182,3 +183,4 @@ class OmeTiffReader(BaseSlideReader):
     def close(self) -> None:
         self._levels = {}
         self._tif.close()
+        super().close()

@@ -122,8 +122,11 @@ class OpenSlideReader(BaseSlideReader):
             raise ValueError(f"region size must be >= 0, got {size}")
         if w == 0 or h == 0:
             return np.full((h, w, 3), 255, np.uint8)
+        ds = self.properties.level_downsamples[level]
+        self._check_codestreams(level, int(location_l0[0] // ds), int(location_l0[1] // ds), w, h)
         image = self._slide.read_region((int(location_l0[0]), int(location_l0[1])), level, (w, h))
         return rgb_on_white(np.asarray(image))
 
     def close(self) -> None:
         self._slide.close()
+        super().close()

@@ -78,6 +78,7 @@ class TiffSlideReader(BaseSlideReader):
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self.properties.level_downsamples[level]
+        self._check_codestreams(level, x, y, w, h)
 
         def fetch(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
             location = (l0_for_level_px(x0, ds), l0_for_level_px(y0, ds))
@@ -87,3 +88,4 @@ class TiffSlideReader(BaseSlideReader):
 
     def close(self) -> None:
         self._slide.close()
+        super().close()
