@@ -7,6 +7,11 @@ files again and commit them with the change that explains it:
 
     python tests/expected_outputs.py
 
+The slide is run in a child process whose NumPy and OpenCV use only their baseline CPU
+instructions (`baseline_cpu_env`): their float32 kernels for log, exp and sums differ in the
+last bit between machines with and without AVX2 or AVX-512, and the stored bytes must not
+depend on the machine that runs the tests.
+
 What is compared: the GeoJSON's features (each feature's random UUID replaced by a fixed
 text, since ids are drawn afresh every run) and every column of the Zarr nucleus table plus
 its level-0 label raster (stored as one compressed .npz).
@@ -15,7 +20,9 @@ its level-0 label raster (stored as one compressed .npz).
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,15 +82,46 @@ def zarr_arrays(zarr_path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in arrays.items()}
 
 
+def baseline_cpu_env() -> dict[str, str]:
+    """os.environ plus the settings that turn off every optional CPU feature NumPy and OpenCV
+    were built to dispatch to (NPY_DISABLE_CPU_FEATURES, OPENCV_CPU_DISABLE), whether or not
+    this machine has it (OpenCV notes the ones it lacks on stderr)."""
+    import cv2
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+
+    numpy_extra = list(__cpu_dispatch__)
+    # OpenCV's line: baseline features plain, dispatched ones starred (unavailable ones end in "?")
+    opencv_extra = [f[1:].rstrip("?") for f in cv2.getCPUFeaturesLine().split() if f.startswith("*")]
+    return {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(numpy_extra),
+            "OPENCV_CPU_DISABLE": ",".join(opencv_extra)}
+
+
+def write_outputs(folder: Path, run_folder: Path) -> tuple[Path, Path]:
+    """Run the slide in a child process with baseline CPU features; write the features text
+    (gzip) and the Zarr arrays (npz) into folder; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, __file__, "--child", str(folder), str(run_folder)],
+                   env=baseline_cpu_env(), check=True)
+    return folder / FEATURES_FILE.name, folder / ZARR_FILE.name
+
+
+def _child(folder: Path, run_folder: Path) -> None:
+    features, arrays = run_outputs(run_folder)
+    (folder / FEATURES_FILE.name).write_bytes(gzip.compress(features, mtime=0))
+    np.savez_compressed(folder / ZARR_FILE.name, **arrays)
+
+
 def main() -> None:
     import tempfile
 
+    if sys.argv[1:2] == ["--child"]:
+        _child(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        features, arrays = run_outputs(Path(tmp))
-    HERE.mkdir(exist_ok=True)
-    FEATURES_FILE.write_bytes(gzip.compress(features, mtime=0))
-    np.savez_compressed(ZARR_FILE, **arrays)
-    print(f"wrote {FEATURES_FILE} and {ZARR_FILE}: {len(arrays['area_px'])} nuclei", file=sys.stderr)
+        features, arrays = write_outputs(HERE, Path(tmp))
+    with np.load(arrays) as stored:
+        print(f"wrote {features} and {arrays}: {len(stored['area_px'])} nuclei", file=sys.stderr)
 
 
 if __name__ == "__main__":
