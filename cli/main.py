@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -53,7 +54,8 @@ def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | N
     console.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     if not verbose:  # Dask's own warnings (nannies, the scheduler) go to the log file only
-        console.addFilter(lambda record: not record.name.startswith(_DASK_LOGGERS))
+        console.addFilter(lambda record: not record.name.startswith(_DASK_LOGGERS) and not _dask_warning(record))
+    logging.captureWarnings(True)  # Python warnings become "py.warnings" records: Dask's go to the log file
     handlers: list[logging.Handler] = [console]
     for noisy in ("distributed", "tornado", "asyncio", "PIL", "numcodecs", "zarr", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -72,6 +74,12 @@ def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | N
         h.wsiseg_cli = True  # type: ignore[attr-defined]
         root.addHandler(h)
     return log_path
+
+
+def _dask_warning(record: logging.LogRecord) -> bool:
+    """A Python warning (captured as a log record) raised inside Dask."""
+    return record.name == "py.warnings" and any(f"{os.sep}{name}{os.sep}" in str(record.args[0] if record.args else record.msg)
+                                                 for name in _DASK_LOGGERS)
 
 
 def _fail(message: str, log_path: Path | None) -> None:

@@ -493,3 +493,29 @@ def test_sigterm_stops_the_run_cleanly_and_the_rerun_equals_an_uninterrupted_run
     for name in ("first", "second"):
         got, want = _centroids(out / f"{name}.zarr"), _centroids(tmp_path / "whole" / f"{name}.zarr")
         np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
+
+
+def test_dask_warnings_go_to_the_log_file_and_ours_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+    import warnings
+
+    from wsiseg.cli.main import _setup_logging
+    from wsiseg.scheduling import Runner, SchedulerConfig
+
+    root_handlers = list(logging.getLogger().handlers)
+    try:
+        log_path = _setup_logging(tmp_path, verbose=False, quiet=False)
+        dask_file = str(Path("site-packages") / "distributed" / "core.py")
+        warnings.warn_explicit("Creating scratch directories is taking a surprisingly long time", UserWarning, dask_file, 1)
+        warnings.warn_explicit("a warning of wsiseg's own", UserWarning, str(Path("wsiseg") / "x.py"), 1)
+    finally:
+        logging.captureWarnings(False)
+        for handler in [h for h in logging.getLogger().handlers if h not in root_handlers]:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    terminal = capsys.readouterr().err
+    assert "scratch directories" not in terminal and "a warning of wsiseg's own" in terminal
+    assert log_path is not None and "scratch directories" in log_path.read_text()
+    # worker processes warn before their logging is set up: a warning filter in their environment
+    env = Runner(SchedulerConfig(workers=1))._worker_logging({})["env"]
+    assert "ignore:Creating scratch directories" in env["PYTHONWARNINGS"]

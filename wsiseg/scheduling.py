@@ -147,8 +147,11 @@ class Runner:
         )
 
     def _worker_logging(self, env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Nanny options that send a worker's log records to `worker_log` (see `dask_setup`)."""
+        """Nanny options that send a worker's log records to `worker_log` (see `dask_setup`),
+        and keep Dask's slow-disk notice (`QUIET_DASK_WARNINGS`) off the terminal: a worker
+        warns before its logging is set up, straight to the terminal."""
         env = dict(env or {})
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *QUIET_DASK_WARNINGS]))
         if self.config.worker_log is None:
             return {"env": env} if env else {}
         env[WORKER_LOG_ENV] = str(Path(self.config.worker_log).resolve())
@@ -258,6 +261,11 @@ class Stage:
 
     fn: Callable[..., Any]
     model: bool = False
+
+
+#: Python warning filters for Dask notices that are no concern of a wsiseg user (Dask warns when
+#: creating its scratch folder takes over a second, e.g. on a busy disk).
+QUIET_DASK_WARNINGS = ("ignore:Creating scratch directories is taking a surprisingly long time",)
 
 
 def worker_thread_env(n_workers: int, cpus: int | None = None) -> dict[str, str]:
