@@ -304,8 +304,8 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
                     if not quiet:
                         click.echo(f"{slide.name}: already done ({done.name}); --overwrite to redo")
                     continue
+                current = slide  # before the ledger says running: an interrupt then puts it back
                 ledger.mark(slide, "running")
-                current = slide
                 progress.start_slide(slide.name)
                 events.emit("slide_start", slide, index=index, total=len(slides), output_name=name)
 

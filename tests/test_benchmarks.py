@@ -58,7 +58,7 @@ def test_gpu_benchmark_on_cpu_runs_each_step_and_records_positive_figures(
     bench: Any, no_cuda: None, tmp_path: Path
 ) -> None:
     gpu = bench("gpu")
-    assert gpu.main(["--allow-cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    assert gpu.main(["--allow-cpu", "--tiny", "--budget-s", "3600", "--out", str(tmp_path)]) == 0  # every step
     record = _record(tmp_path, "gpu")
     steps = {s["id"]: s for s in record["steps"]}
     done = {i for i, s in steps.items() if s["status"] == "done"}

@@ -16,6 +16,13 @@ from wsiseg.synthetic import SyntheticSpec, SyntheticTruth, tissue_mask
 FAST = ["--model", "classical", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def _memory_is_plenty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory warning depends on the free memory of the machine running the tests (it has a
+    test of its own, with the free memory set)."""
+    monkeypatch.setattr("wsiseg.preflight._available_memory_bytes", lambda: None)
+
+
 def _check(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, ["check", *args, *FAST])
     return result.exit_code, result.stdout, result.stderr
@@ -39,6 +46,14 @@ def test_good_slide_is_ok_with_its_size_mpp_tissue_area_and_estimates(
     assert row["tiles_prompter"] > row["sample"]["prompter_tiles"]
     assert 0.5 * len(svs_truth) <= row["nuclei"] <= 2 * len(svs_truth)
     assert row["time_s"] > row["sample"]["wall_s"] / 2 and row["peak_rss_mib"] > 50
+
+
+def test_a_run_needing_most_of_the_free_memory_is_a_warning(svs_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("wsiseg.preflight._available_memory_bytes", lambda: 100 * 2**20)  # 100 MiB free
+    code, out, err = _check(str(svs_slide), "--json")
+    [row] = json.loads(out)
+    assert code == 0 and row["verdict"] == "warning", out + err  # usable, but said
+    assert any("MiB available now; use fewer --workers" in reason for reason in row["reasons"])
 
 
 def test_text_file_and_slide_without_mpp_are_unusable_and_exit_1(text_as_svs: Path, no_mpp_tiff: Path) -> None:

@@ -108,8 +108,13 @@ class ExternalDask:
                 return self.start(0)
             assert time.monotonic() < deadline, (self.folder / f"dask-{self._starts}.log").read_text()
             time.sleep(0.1)
-        time.sleep(0.2)  # the file is written whole, but not atomically
-        self.address = json.loads(file.read_text())["address"]
+        while True:  # the file appears before its text is written whole
+            try:
+                self.address = json.loads(file.read_text())["address"]
+                break
+            except (ValueError, KeyError):
+                assert time.monotonic() < deadline, file.read_text()
+                time.sleep(0.1)
         self.workers = subprocess.Popen(
             [str(DASK), "worker", "--scheduler-file", str(file), "--nthreads", "1", "--nworkers", "2",
              "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,11 +123,15 @@ class ExternalDask:
         return self.address
 
     def running(self) -> str:
-        """The address of a running scheduler with its workers: this one, or a new one."""
+        """The address of a running scheduler with both workers joined: this one, or a new one."""
+        from dask.distributed import Client
+
         alive = [p is not None and p.poll() is None for p in (self.scheduler, self.workers)]
         if not all(alive):
             self.stop()
-            self.start()
+            return self.start()
+        with Client(self.address, timeout="30s") as client:  # a killed worker's nanny may still be restarting it
+            client.wait_for_workers(2, timeout=90)
         return self.address
 
     @property
@@ -179,13 +188,13 @@ def test_an_unreachable_scheduler_fails_the_run_in_one_line(slides: dict[str, Pa
 
     import dask
 
-    with socket.socket() as sock:  # a port nobody listens on
+    with socket.socket() as sock:  # bound but not listening for the whole run: refused, and nobody else's
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tmp_path / "out"
-    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
-        result = CliRunner().invoke(main, ["run", str(slides["a"]), "-o", str(out),
-                                           "--scheduler", f"tcp://127.0.0.1:{port}", *FAST])
+        out = tmp_path / "out"
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            result = CliRunner().invoke(main, ["run", str(slides["a"]), "-o", str(out),
+                                               "--scheduler", f"tcp://127.0.0.1:{port}", *FAST])
     assert result.exit_code == 1
     lines = _error_lines(result.stderr)
     assert len(lines) == 1, result.stderr

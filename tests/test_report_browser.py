@@ -53,8 +53,12 @@ addEventListener('load', () => {
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     command = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--hide-scrollbars",
+               "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
                f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:  # a browser that crashed while starting on a loaded machine: once more
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    return done
 
 
 @pytest.fixture(scope="module")

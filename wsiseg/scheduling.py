@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import sys
 from collections import deque
 from contextlib import contextmanager
@@ -215,7 +216,7 @@ class Runner:
             while pending:
                 yield pending.popleft().result()
         except Exception as exc:
-            if self.scheduler_lost() or _cancelled_by_lost_connection(exc):
+            if self.scheduler_lost() or _cancelled_by_lost_connection(exc) or self._lost_soon_after(exc):
                 raise self._lost_error() from exc
             raise
         finally:
@@ -227,6 +228,20 @@ class Runner:
         """True once the Dask client has given up on its scheduler (it closes itself after
         trying to reconnect for distributed.comm.timeouts.connect)."""
         return self._client is not None and self._client.status in ("closing", "closed")
+
+    def _lost_soon_after(self, exc: BaseException, wait_s: float = 1.0) -> bool:
+        """True when a connection error (OSError, e.g. Dask's CommClosedError while fetching a
+        result) is followed within `wait_s` by the client reconnecting to its scheduler or
+        giving up on it: the error reached us before the client's status changed."""
+        if not isinstance(exc, OSError) or self._client is None:
+            return False
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._client.status in ("connecting", "closing", "closed"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def _lost_error(self) -> SchedulerError:
         import dask
