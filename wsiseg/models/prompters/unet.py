@@ -123,9 +123,9 @@ class ConcatConv(nn.Module):
         half = conv.in_channels // 2
         parts = []
         for part, bias in ((slice(0, half), conv.bias is not None), (slice(half, None), False)):
-            piece = nn.Conv2d(half, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=bias)
+            piece = nn.Conv2d(half, conv.out_channels, conv.kernel_size[0], padding=int(conv.padding[0]), bias=bias)
             piece.weight.data = conv.weight.data[:, part].clone()
-            if bias:
+            if conv.bias is not None and piece.bias is not None:
                 piece.bias.data = conv.bias.data.clone()
             parts.append(piece.to(conv.weight.device))
         return cls(*parts)
