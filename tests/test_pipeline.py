@@ -253,3 +253,61 @@ def test_a_run_detects_tissue_once_and_reports_the_area_it_used(
     assert len(calls) == 1  # the report reuses the run's region
     area = result.report_data["tissue_area_mm2"]
     assert area == baseline.report_data["tissue_area_mm2"] and area > 0
+
+
+# ---------------------------------------------------------------- in-process stages beside the model
+
+
+def _chain(seen: dict[str, Any], fail_model_at: int | None = None) -> tuple[Any, ...]:
+    """read -> model -> post over ints; the model stage of item i waits (briefly) for item i + 1
+    to be read and for item i - 1 to be posted, which only happens when they run beside it."""
+    import threading
+
+    from wsiseg.scheduling import Stage
+
+    read_done = {i: threading.Event() for i in range(100)}
+    post_done = {i: threading.Event() for i in range(100)}
+
+    def read(item: int) -> int:
+        seen.setdefault("threads", set()).add(("read", threading.current_thread().name))
+        read_done[item].set()
+        return item * 10
+
+    def model(value: int) -> int:
+        item = value // 10
+        if item == fail_model_at:
+            raise KeyboardInterrupt("stopped")
+        seen.setdefault("threads", set()).add(("model", threading.current_thread().name))
+        seen.setdefault("read_ahead", []).append(read_done[item + 1].wait(2))
+        seen.setdefault("posted_beside", []).append(item == 0 or post_done[item - 1].wait(2))
+        return value + 1
+
+    def post(value: int) -> int:
+        seen.setdefault("threads", set()).add(("post", threading.current_thread().name))
+        post_done[value // 10].set()
+        return value * 2
+
+    return (Stage(read), Stage(model, model=True), Stage(post))
+
+
+def test_in_process_runs_read_and_post_beside_the_model_with_the_same_results_in_order() -> None:
+    import threading
+
+    seen: dict[str, Any] = {}
+    with Runner(SchedulerConfig(scheduler="synchronous")) as runner:
+        got = list(runner.map_chain(range(6), _chain(seen)))
+        assert list(runner.map_chain([], _chain({}))) == []
+    assert got == [(i * 10 + 1) * 2 for i in range(6)]
+    assert seen["read_ahead"] == [True] * 5 + [False]  # item i + 1 read during item i's model stage
+    assert all(seen["posted_beside"])  # item i - 1 posted during item i's model stage
+    main = threading.current_thread().name
+    assert {name for stage, name in seen["threads"] if stage == "model"} == {main}  # the model stays here
+    assert all(name != main for stage, name in seen["threads"] if stage != "model")
+
+
+def test_in_process_hands_on_the_finished_item_before_a_model_stage_failure() -> None:
+    got: list[int] = []
+    with Runner(SchedulerConfig(scheduler="synchronous")) as runner, pytest.raises(KeyboardInterrupt):
+        for value in runner.map_chain(range(6), _chain({}, fail_model_at=3)):
+            got.append(value)
+    assert got == [(i * 10 + 1) * 2 for i in range(3)]  # items 0-2, as one after the other would give

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import sys
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,14 +193,11 @@ class Runner:
 
         On a cluster every stage is its own task, placed by its resources (e.g. reading and
         stitching on CPU workers, the model on GPU workers), so stages of different batches
-        overlap; at most `max_in_flight` items are in the pipeline at once.
+        overlap; at most `max_in_flight` items are in the pipeline at once.  In this process
+        (synchronous) reading and stitching run in threads beside the model (`_in_process`).
         """
         if self._client is None:
-            for item in items:
-                value = item
-                for stage in stages:
-                    value = stage.fn(value, *args)
-                yield value
+            yield from _in_process(items, stages, args)
             return
         window = self.config.max_in_flight or 2 * self.n_workers + 1
         pending: deque[Any] = deque()
@@ -260,6 +257,64 @@ class Runner:
         if not self.config.gpus:
             return None
         return {"GPU": 1} if stage.model else {"CPU": 1}
+
+
+def _in_process(items: Iterable[Any], stages: Sequence[Stage], args: Sequence[Any]) -> Iterator[Any]:
+    """`map_chain` in this process, with the CPU stages beside the model: the stages before the
+    first model stage (reading) run one item ahead in a thread, and those after the last model
+    stage (stitching) run in another thread while the model takes the next item.  Each item's
+    stages are the same calls in the same order as one after the other, so results are equal;
+    at most one item waits on each side.  When an item fails (or the run is interrupted) in its
+    model stage, the item before it is finished and yielded first, as one after the other would
+    have.  Without a model stage: one after the other."""
+    model_at = [i for i, stage in enumerate(stages) if stage.model]
+    if not model_at:
+        for item in items:
+            value = item
+            for stage in stages:
+                value = stage.fn(value, *args)
+            yield value
+        return
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    before, middle, after = stages[: model_at[0]], stages[model_at[0] : model_at[-1] + 1], stages[model_at[-1] + 1 :]
+
+    def run(value: Any, chain: Sequence[Stage]) -> Any:
+        for stage in chain:
+            value = stage.fn(value, *args)
+        return value
+
+    with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-read") as reading, \
+            ThreadPoolExecutor(1, thread_name_prefix="wsiseg-post") as posting:
+        read_next: Future[Any] | None = None
+        posted: Future[Any] | None = None
+        try:
+            iterator = iter(items)
+            nxt = next(iterator, _END)
+            while nxt is not _END:
+                current = reading.submit(run, nxt, before) if read_next is None else read_next
+                nxt = next(iterator, _END)
+                read_next = reading.submit(run, nxt, before) if nxt is not _END else None
+                try:
+                    value = run(current.result(), middle)
+                except BaseException:  # an interrupt or a failed item: the item before is handed on first
+                    if posted is not None:
+                        finished, posted = posted, None
+                        yield finished.result()
+                    raise
+                if posted is not None:
+                    yield posted.result()
+                posted = posting.submit(run, value, after)
+            if posted is not None:
+                yield posted.result()
+                posted = None
+        finally:
+            for future in (read_next, posted):
+                if future is not None:
+                    future.cancel()
+
+
+_END = object()
 
 
 def _cancelled_by_lost_connection(exc: BaseException) -> bool:
