@@ -267,22 +267,19 @@ def _in_process(items: Iterable[Any], stages: Sequence[Stage], args: Sequence[An
     at most one item waits on each side.  When an item fails (or the run is interrupted) in its
     model stage, the item before it is finished and yielded first, as one after the other would
     have.  Without a model stage: one after the other."""
-    model_at = [i for i, stage in enumerate(stages) if stage.model]
-    if not model_at:
-        for item in items:
-            value = item
-            for stage in stages:
-                value = stage.fn(value, *args)
-            yield value
-        return
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    before, middle, after = stages[: model_at[0]], stages[model_at[0] : model_at[-1] + 1], stages[model_at[-1] + 1 :]
-
     def run(value: Any, chain: Sequence[Stage]) -> Any:
         for stage in chain:
             value = stage.fn(value, *args)
         return value
+
+    model_at = [i for i, stage in enumerate(stages) if stage.model]
+    if not model_at:
+        for item in items:
+            yield run(item, stages)
+        return
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    before, middle, after = stages[: model_at[0]], stages[model_at[0] : model_at[-1] + 1], stages[model_at[-1] + 1 :]
 
     with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-read") as reading, \
             ThreadPoolExecutor(1, thread_name_prefix="wsiseg-post") as posting:
