@@ -78,15 +78,18 @@ def _print_table(checks: list[Any], model: str, device: str, load_s: float) -> N
     for name, c, reason in notes:
         click.echo(f"{name}: {c.verdict}: {reason}")
     click.echo("")
-    click.echo(f"estimates for --model {model} --device {device}, one process (model load {load_s:.1f} s); "
-               "Dask workers share the time and each needs the memory shown")
     unusable = sum(c.verdict == "unusable" for c in checks)
     warned = sum(c.verdict == "warning" for c in checks)
     timed = [c.time_s for c in checks if c.time_s is not None]
-    total = sum(timed) - load_s * max(len(timed) - 1, 0)  # a run loads the model once, not per slide
     slides = f"{len(checks)} slide{'s' if len(checks) != 1 else ''}"
-    click.echo(f"{slides}: {len(checks) - unusable - warned} ok, {warned} warning, {unusable} unusable; "
-               f"about {_duration(total)} in all as one run (each row's time includes the model load, "
+    counts = f"{slides}: {len(checks) - unusable - warned} ok, {warned} warning, {unusable} unusable"
+    if not timed:  # nothing could be sampled: no estimates to give
+        click.echo(counts)
+        return
+    click.echo(f"estimates for --model {model} --device {device}, one process (model load {load_s:.1f} s); "
+               "Dask workers share the time and each needs the memory shown")
+    total = sum(timed) - load_s * max(len(timed) - 1, 0)  # a run loads the model once, not per slide
+    click.echo(f"{counts}; about {_duration(total)} in all as one run (each row's time includes the model load, "
                "which a run pays once)")
 
 

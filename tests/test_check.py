@@ -78,6 +78,7 @@ def test_table_has_one_row_per_slide_and_each_reason(text_as_svs: Path, no_mpp_t
     assert rows[1].startswith(no_mpp_tiff.name) and "missing" in rows[1]
     assert any(ln.startswith(f"{no_mpp_tiff.name}: unusable:") and "--mpp" in ln for ln in lines)
     assert "0 ok, 0 warning, 2 unusable" in out
+    assert "estimates for" not in out and "in all as one run" not in out  # nothing sampled, nothing estimated
 
 
 def test_mpp_option_makes_a_slide_without_mpp_usable(no_mpp_tiff: Path) -> None:
