@@ -202,7 +202,7 @@ class BaseSlideReader:
 
     def _check_codestreams(self, level: int, x: int, y: int, w: int, h: int) -> None:
         """Raise ValueError when a tile of the region [x, x + w) x [y, y + h) (level px) is a
-        JPEG / JPEG 2000 codestream cut short or overwritten, which decoders accept silently
+        JPEG tile cut short or overwritten, which decoders accept silently
         (`wsiseg.readers.codestream_check`)."""
         if self._codestreams is None:
             from wsiseg.readers.codestream_check import CodestreamCheck

@@ -1,12 +1,12 @@
-"""Damaged JPEG / JPEG 2000 tiles that decoders accept: found from the file's bytes.
+"""Damaged JPEG tiles that decoders accept: found from the file's bytes.
 
 A tile whose compressed data was cut short or overwritten with zeros decodes without an error
 in OpenSlide and in TiffSlide (libjpeg-turbo and imagecodecs treat the missing data as a
-warning and fill grey), which would give a plausible-looking wrong result.  Both codestreams
-end with the marker FF D9 (JPEG's EOI, ITU-T T.81 B.2.1; JPEG 2000's EOC, ITU-T T.800
-A.4.4), and inside entropy-coded JPEG data an FF byte is always followed by 00 or a restart
-marker, so FF D9 can only be the real end: a tile whose bytes (less any zero padding) do not
-end with it is damaged.  Readers check each tile once, before its first decode, and raise
+warning and fill grey), which would give a plausible-looking wrong result.  A JPEG stream ends
+with the marker FF D9 (EOI, ITU-T T.81 B.2.1), and inside entropy-coded data an FF byte is
+always followed by 00 or a restart marker, so FF D9 can only be the real end: a tile whose
+bytes (less any zero padding) do not end with it is damaged.  JPEG 2000 tiles (Aperio 33003 /
+33005) are not checked: their end marker (EOC) is one some encoders leave out.  Readers check each tile once, before its first decode, and raise
 ValueError for a damaged one; `wsiseg.workers.GuardedReader` then names its region and applies
 --on-bad-tile like for any tile the decoder refuses.
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-#: TIFF compressions whose tiles are marker-closed codestreams: 7 JPEG, 33003 and 33005 Aperio
-#: JPEG 2000, 34712 JPEG 2000 (the TIFF compression registry as tifffile lists it).
-MARKER_CLOSED = frozenset({7, 33003, 33005, 34712})
+#: TIFF compressions whose tiles are checked: 7, JPEG (the TIFF compression registry as tifffile
+#: lists it).
+CHECKED_COMPRESSIONS = frozenset({7})
 END_MARKER = b"\xff\xd9"
 TAIL_BYTES = 4096  # a tile's last bytes read to find its end marker after any zero padding
 
@@ -37,10 +37,9 @@ class TileIndex:
     across: int
     offsets: tuple[int, ...]
     counts: tuple[int, ...]
-    codec: str = "JPEG"
 
 
-def damaged_reason(fh: BinaryIO, offset: int, count: int, codec: str = "JPEG") -> str | None:
+def damaged_reason(fh: BinaryIO, offset: int, count: int) -> str | None:
     """Why the codestream of `count` bytes at byte `offset` is damaged, or None when it ends
     with its end marker (zero padding after it allowed) or is empty (a sparse tile)."""
     if count <= 0:
@@ -50,7 +49,7 @@ def damaged_reason(fh: BinaryIO, offset: int, count: int, codec: str = "JPEG") -
     tail = fh.read(n).rstrip(b"\x00")
     if tail.endswith(END_MARKER):
         return None
-    return f"its {codec} data ends without the end-of-image marker (cut short or overwritten)"
+    return "its JPEG data ends without the end-of-image marker (cut short or overwritten)"
 
 
 def _tile_indexes(path: Path) -> dict[tuple[int, int], TileIndex]:
@@ -64,13 +63,12 @@ def _tile_indexes(path: Path) -> dict[tuple[int, int], TileIndex]:
             for series in tiff.series:
                 for level in series.levels:
                     page = level.keyframe
-                    if len(level.pages) != 1 or not page.is_tiled or int(page.compression) not in MARKER_CLOSED:
+                    if len(level.pages) != 1 or not page.is_tiled or int(page.compression) not in CHECKED_COMPRESSIONS:
                         continue
                     size = (int(page.imagewidth), int(page.imagelength))
                     found.setdefault(size, TileIndex(
                         int(page.tilewidth), int(page.tilelength), -(-size[0] // int(page.tilewidth)),
                         tuple(int(v) for v in page.dataoffsets), tuple(int(v) for v in page.databytecounts),
-                        "JPEG" if int(page.compression) == 7 else "JPEG 2000",
                     ))
     except Exception:  # noqa: BLE001 - not a TIFF, or one tifffile cannot parse: nothing to check
         return {}
@@ -104,7 +102,7 @@ class CodestreamCheck:
                     continue
                 if self._file is None:
                     self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-                reason = damaged_reason(self._file, index.offsets[number], index.counts[number], index.codec)
+                reason = damaged_reason(self._file, index.offsets[number], index.counts[number])
                 if reason is not None:
                     raise ValueError(f"tile at ({col * index.tile_w}, {row * index.tile_h}) level px: {reason}")
                 self._checked.add(key)
