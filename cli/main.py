@@ -78,8 +78,8 @@ def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | N
 
 def _dask_warning(record: logging.LogRecord) -> bool:
     """A Python warning (captured as a log record) raised inside Dask."""
-    return record.name == "py.warnings" and any(f"{os.sep}{name}{os.sep}" in str(record.args[0] if record.args else record.msg)
-                                                 for name in _DASK_LOGGERS)
+    text = record.getMessage()  # "path/to/file.py:line: Category: message"
+    return record.name == "py.warnings" and any(f"{os.sep}{name}{os.sep}" in text for name in _DASK_LOGGERS)
 
 
 def _fail(message: str, log_path: Path | None) -> None:

@@ -53,7 +53,7 @@ def damaged_reason(fh: BinaryIO, offset: int, count: int) -> str | None:
 
 
 def _tile_indexes(path: Path) -> dict[tuple[int, int], TileIndex]:
-    """TileIndex of every single-page tiled level with marker-closed tiles, keyed by the
+    """TileIndex of every single-page tiled level with JPEG tiles, keyed by the
     level's (width, height) px; empty for a file tifffile cannot parse."""
     import tifffile
 
@@ -88,7 +88,7 @@ class CodestreamCheck:
         """Raise ValueError naming the first damaged tile of the region [x, x + w) x [y, y + h)
         (level px) of the level of `level_size` (width, height) px."""
         if self._indexes is None:
-            self._indexes = _tile_indexes(self.path) if _is_tiff(self.path) else {}
+            self._indexes = _tile_indexes(self.path)
         index = self._indexes.get((int(level_size[0]), int(level_size[1])))
         x0, y0 = max(int(x), 0), max(int(y), 0)
         x1, y1 = min(int(x + w), int(level_size[0])), min(int(y + h), int(level_size[1]))
@@ -111,11 +111,3 @@ class CodestreamCheck:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _is_tiff(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-    except OSError:
-        return False

@@ -88,12 +88,7 @@ def dyadic_denominator(weight: np.ndarray, limit: int = 64) -> int | None:
 def resample_float(patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray) -> np.ndarray:
     """Separable resampling: (h, w, 3) uint8 from a uint8 patch, with source indices ix (w, T)
     and iy (h, T) into the patch and float32 weights wx, wy (`axis_weights`); rounds half to even."""
-    rows = np.zeros((patch.shape[0], ix.shape[0], 3), np.float32)
-    for t in range(ix.shape[1]):
-        rows += wx[:, t, None] * patch[:, ix[:, t]]
-    out = np.zeros((iy.shape[0], ix.shape[0], 3), np.float32)
-    for t in range(iy.shape[1]):
-        out += wy[:, t, None, None] * rows[iy[:, t]]
+    out = _separable_sums(patch, ix, wx, iy, wy, np.float32)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -109,19 +104,28 @@ def resample_integer(
     denominator: a power of two.
     """
     acc = np.uint16 if 255 * denominator < 2**16 else np.uint32
-    mx, my = mx.astype(acc), my.astype(acc)
-    rows = np.zeros((patch.shape[0], ix.shape[0], 3), acc)
-    for t in range(ix.shape[1]):
-        rows += mx[:, t, None] * patch[:, ix[:, t]]
-    total = np.zeros((iy.shape[0], ix.shape[0], 3), acc)
-    for t in range(iy.shape[1]):
-        total += my[:, t, None, None] * rows[iy[:, t]]
+    total = _separable_sums(patch, ix, mx.astype(acc), iy, my.astype(acc), acc)
+    if denominator == 1:
+        return total.astype(np.uint8)
     # round half to even, k = 2**s: floor((total + k/2 - 1 + [floor(total / k) is odd]) / k)
     shift = acc(denominator.bit_length() - 1)
     odd = (total >> shift) & acc(1)
-    total += acc(max(denominator // 2 - 1, 0))
-    total += odd if denominator > 1 else acc(0)
+    total += acc(denominator // 2 - 1)
+    total += odd
     return (total >> shift).astype(np.uint8)
+
+
+def _separable_sums(
+    patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray, dtype: type
+) -> np.ndarray:
+    """(h, w, 3) sums of weight x patch pixel, along x (indices ix, weights wx) then y, in dtype."""
+    rows = np.zeros((patch.shape[0], ix.shape[0], 3), dtype)
+    for t in range(ix.shape[1]):
+        rows += wx[:, t, None] * patch[:, ix[:, t]]
+    out = np.zeros((iy.shape[0], ix.shape[0], 3), dtype)
+    for t in range(iy.shape[1]):
+        out += wy[:, t, None, None] * rows[iy[:, t]]
+    return out
 
 
 class ScaledSlide:
