@@ -7,6 +7,7 @@ import shapely
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import TileMasks
+from wsiseg.stain import hematoxylin_od
 from wsiseg.stitching import FrameTransform, stitch_tile, trace_outline
 
 
@@ -50,7 +51,7 @@ def test_higher_iou_wins_overlapping_pixels_and_context_prompts_are_not_emitted(
         prompt_ids=np.array([5, 6, 7]),
         prompt_score=np.array([0.5, 0.6, 0.7], np.float32),
         prompt_class=np.array([0, 1, 0]),
-        hematoxylin_od=np.ones(shape, np.float32),
+        image=np.full((*shape, 3), (90, 60, 150), np.uint8),
         transform=FrameTransform(scale=2.0, mpp=0.5),
     )
     assert len(table) == 2
@@ -64,7 +65,8 @@ def test_higher_iou_wins_overlapping_pixels_and_context_prompts_are_not_emitted(
     np.testing.assert_allclose(table.measurements["area_um2"], [(a & ~b).sum() * 0.25, b.sum() * 0.25])
     assert table.class_id.tolist() == [0, 1]
     np.testing.assert_allclose(table.measurements["score"], [0.5, 0.6])
-    np.testing.assert_allclose(table.measurements["hematoxylin_od_mean"], [1, 1])
+    expected_od = hematoxylin_od(np.full((1, 1, 3), (90, 60, 150), np.uint8))[0, 0]
+    assert table.measurements["hematoxylin_od_mean"].tolist() == [expected_od, expected_od]
 
 
 def test_disk_measurements_are_those_of_a_disk() -> None:
@@ -73,7 +75,7 @@ def test_disk_measurements_are_those_of_a_disk() -> None:
     table = stitch_tile(
         tile_origin_px=(0, 0), tile_shape=shape, masks=TileMasks.from_dense(m[None], np.ones(1)),
         n_owned=1, prompt_ids=np.array([0]), prompt_score=np.ones(1, np.float32), prompt_class=np.array([-1]),
-        hematoxylin_od=np.zeros(shape, np.float32), transform=FrameTransform(1.0, 1.0),
+        image=np.zeros((*shape, 3), np.uint8), transform=FrameTransform(1.0, 1.0),
     )
     meas = {k: float(v[0]) for k, v in table.measurements.items()}
     assert abs(meas["major_axis_um"] - 30) < 1.5 and abs(meas["minor_axis_um"] - 30) < 1.5
@@ -88,7 +90,7 @@ def test_mask_reaching_the_tile_edge_is_kept_and_flagged() -> None:
     table = stitch_tile(
         tile_origin_px=(0, 0), tile_shape=shape, masks=TileMasks.from_dense(m[None], np.ones(1)),
         n_owned=1, prompt_ids=np.array([0]), prompt_score=np.ones(1, np.float32), prompt_class=np.array([0]),
-        hematoxylin_od=np.zeros(shape, np.float32), transform=FrameTransform(1.0, 1.0),
+        image=np.zeros((*shape, 3), np.uint8), transform=FrameTransform(1.0, 1.0),
     )
     assert table.touches_edge.tolist() == [True]
     assert table.area_px[0] == m.sum()
@@ -104,7 +106,7 @@ def test_holes_are_filled_unless_another_nucleus_won_them() -> None:
             tile_origin_px=(0, 0), tile_shape=shape,
             masks=TileMasks.from_dense(np.stack(masks), np.array([0.5, 0.9][: len(masks)], np.float32)),
             n_owned=1, prompt_ids=np.arange(len(masks)), prompt_score=np.ones(len(masks), np.float32),
-            prompt_class=np.zeros(len(masks)), hematoxylin_od=np.zeros(shape, np.float32),
+            prompt_class=np.zeros(len(masks)), image=np.zeros((*shape, 3), np.uint8),
             transform=FrameTransform(1.0, 1.0),
         )
         assert len(table) == 1
@@ -117,7 +119,7 @@ def _stitch_all(shape: tuple[int, int], masks: list[np.ndarray], iou: list[float
         tile_origin_px=(0, 0), tile_shape=shape,
         masks=TileMasks.from_dense(np.stack(masks), np.array(iou, np.float32)),
         n_owned=n_owned, prompt_ids=np.arange(n), prompt_score=np.ones(n, np.float32),
-        prompt_class=np.zeros(n), hematoxylin_od=np.zeros(shape, np.float32),
+        prompt_class=np.zeros(n), image=np.zeros((*shape, 3), np.uint8),
         transform=kw.get("transform", FrameTransform(1.0, 1.0)),
     )
 

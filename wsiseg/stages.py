@@ -92,7 +92,6 @@ def segment(
 
 def stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[NucleusTable, dict]:
     """Stage 3 (CPU): finished level-0 nuclei owned by the batch's segmentor tiles."""
-    from wsiseg.stain import hematoxylin_od
     from wsiseg.stitching import FrameTransform, stitch_tile
 
     t0 = time.perf_counter()
@@ -108,7 +107,7 @@ def stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) 
             prompt_ids=job.prompt_ids,
             prompt_score=job.score,
             prompt_class=job.class_id,
-            hematoxylin_od=hematoxylin_od(image),
+            image=image,
             transform=transform,
             min_area_px=min_area,
             image_size_px=slide.size_px,

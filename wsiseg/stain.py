@@ -102,6 +102,13 @@ def _channel_tables(stains: StainMatrix, index: int) -> tuple[np.ndarray, np.nda
 
 
 _HEMATOXYLIN_TABLES = _channel_tables(HE, 0)
+_HEMATOXYLIN_TABLE_STACK = np.stack(_HEMATOXYLIN_TABLES)
+
+
+def hematoxylin_tables() -> np.ndarray:
+    """(3, 256) float32 per-channel tables: `hematoxylin_od` of a pixel (r, g, b) is
+    max(t[0, r] + t[1, g] + t[2, b], 0), summed in that order in float32."""
+    return _HEMATOXYLIN_TABLE_STACK
 
 
 def stain_amount(rgb: np.ndarray, index: int, stains: StainMatrix = HE, *, clip: bool = True) -> np.ndarray:

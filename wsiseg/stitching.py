@@ -17,10 +17,11 @@ from typing import Any
 import cv2
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 
+from wsiseg import stitch_kernels as kernels
 from wsiseg.models.protocols import TileMasks
 from wsiseg.nuclei import NucleusTable
+from wsiseg.stain import hematoxylin_tables
 
 _EMPTY_RING = np.zeros((0, 2), np.int64)
 
@@ -64,37 +65,30 @@ def trace_outline(mask: np.ndarray) -> np.ndarray:
 def resolve_overlaps(
     tile_size: tuple[int, int], masks: TileMasks, priority: np.ndarray
 ) -> np.ndarray:
-    """Paint masks into an int32 (h, w) canvas, lowest priority first; values are mask index + 1."""
+    """Paint masks into an int32 (h, w) canvas, lowest priority first; values are mask index + 1.
+
+    priority: (P,) int, a mask of higher priority wins the pixels it shares with lower ones.
+    """
     canvas = np.zeros(tile_size, np.int32)
-    for i in np.argsort(priority, kind="stable"):
-        x0, y0, x1, y1 = masks.bbox_px[i]
-        if x1 <= x0 or y1 <= y0:
-            continue
-        region = canvas[y0:y1, x0:x1]
-        region[masks.masks[i]] = i + 1
+    sizes = np.array([m.size for m in masks.masks], np.int64)
+    offsets = np.zeros(len(sizes), np.int64)
+    np.cumsum(sizes[:-1], out=offsets[1:])
+    flat = np.concatenate([m.ravel() for m in masks.masks]) if len(sizes) else np.zeros(0, bool)
+    kernels.paint_masks(canvas, masks.bbox_px, flat.view(np.bool_), offsets, np.argsort(priority, kind="stable"))
     return canvas
 
 
-def absorb_enclosed(canvas: np.ndarray) -> None:
+def absorb_enclosed(canvas: np.ndarray, bbox_px: np.ndarray) -> None:
     """Merge every mask lying in a hole of another mask into that mask, in place.
 
     canvas: (h, w) int32 label canvas (0 background).  A hole of mask j is a set of pixels
     not in j that no 4-connected path of non-j pixels joins to the outside of j's bounding box
     (the dual of the 8-connected outline `trace_outline` follows, which fills holes).  Labelled
     pixels in such a hole take label j; background pixels stay 0 (the outline covers them).
+    Masks are visited in increasing label order.  bbox_px: (P, 4) int32 boxes (x0, y0, x1,
+    y1) holding every pixel of label i + 1 (`TileMasks.bbox_px`).
     """
-    slices = ndi.find_objects(canvas)
-    for j, sl in enumerate(slices, start=1):
-        if sl is None:
-            continue
-        crop = canvas[sl]
-        not_j = np.ones((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
-        not_j[1:-1, 1:-1] = crop != j
-        n, lab = cv2.connectedComponents(not_j, connectivity=4)
-        if n <= 2:  # background plus the single outside component: no hole
-            continue
-        hole = (lab[1:-1, 1:-1] != lab[0, 0]) & (crop > 0) & (crop != j)
-        crop[hole] = j
+    kernels.absorb_enclosed(canvas, np.asarray(bbox_px, np.int32))
 
 
 def stitch_tile(
@@ -106,7 +100,7 @@ def stitch_tile(
     prompt_ids: np.ndarray,
     prompt_score: np.ndarray,
     prompt_class: np.ndarray,
-    hematoxylin_od: np.ndarray,
+    image: np.ndarray,
     transform: FrameTransform,
     min_area_px: int = 1,
     image_size_px: tuple[int, int] | None = None,
@@ -115,7 +109,8 @@ def stitch_tile(
 
     tile_origin_px: (x0, y0) of the tile in the working frame.  masks: one per prompt (owned
     first, then context).  prompt_ids/score/class: (P,) global index, prompter score, class.
-    hematoxylin_od: (h, w) float32 haematoxylin optical density of the tile.
+    image: (h, w, 3) uint8 RGB tile; a nucleus' `hematoxylin_od_mean` is the mean of
+        `wsiseg.stain.hematoxylin_od` over its pixels.
     min_area_px: nuclei left with fewer working pixels after overlap resolution are dropped.
     image_size_px: (width, height) of the working frame; mask pixels outside it (where the
         tile holds mirrored content) are not part of any nucleus.
@@ -130,64 +125,51 @@ def stitch_tile(
     canvas = resolve_overlaps(tile_shape, masks, priority)
     if image_size_px is not None:
         _clear_outside(canvas, tile_origin_px, image_size_px)
-    absorb_enclosed(canvas)
-    h, w = tile_shape
-    ox, oy = tile_origin_px
-    rings: list[np.ndarray] = []
-    rows: list[int] = []
-    moments: list[tuple[float, float, float, float]] = []
-    touches: list[bool] = []
-    for i in range(n_owned):
-        x0, y0, x1, y1 = masks.bbox_px[i]
-        if x1 <= x0 or y1 <= y0:
-            continue
-        own = (canvas[y0:y1, x0:x1] == i + 1).view(np.uint8)
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(own, connectivity=4)
-        if n < 2:
-            continue  # every pixel went to higher-priority neighbours
-        if n > 2:  # split by a neighbour: keep the largest 4-connected part
-            own = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).view(np.uint8)
-        ring = trace_outline(own)  # the outline encloses any holes: filled
-        if len(ring) < 4:
-            continue
-        m = cv2.moments(ring.astype(np.float32))  # of the filled polygon
-        if m["m00"] < min_area_px:
-            continue
-        moments.append(_shape_moments(m) + (cv2.mean(hematoxylin_od[y0:y1, x0:x1], own)[0],))
-        rings.append(ring + np.array([x0 + ox, y0 + oy]))
-        rows.append(i)
-        touches.append(bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h))
-    if not rows:
+    absorb_enclosed(canvas, masks.bbox_px)
+    # each owned mask's largest 4-connected part, its outline (holes filled) and measurements
+    idx, ends, corners, values = kernels.owned_nuclei(
+        canvas, masks.bbox_px, n_owned, np.ascontiguousarray(image), hematoxylin_tables(), float(min_area_px)
+    )
+    if not len(idx):
         return NucleusTable.empty()
-    idx = np.asarray(rows)
+    h, w = tile_shape
+    box = masks.bbox_px[idx].astype(np.int64)
+    touches = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == w) | (box[:, 3] == h)
+    starts = np.concatenate([[0], ends[:-1]])
+    corners = corners + np.repeat(box[:, :2] + np.asarray(tile_origin_px, np.int64), ends - starts, axis=0)
     s = np.broadcast_to(np.asarray(transform.scale, np.float64), (2,))
-    polys_w, polys_l0 = _polygons(rings, (1.0, s))
+    polys_w, polys_l0 = _polygons(corners, starts, ends, (1.0, s))
+    # pixel-edge outlines: area, perimeter and hull area are exact from the kernel; an outline
+    # the slide's box cuts is measured again by shapely
+    area_w, perimeter_w, hull_area = values[:, 0].copy(), values[:, 4].copy(), values[:, 5].copy()
     if transform.clip_l0 is not None:
-        box = np.asarray(transform.clip_l0, np.float64)
-        polys_w, polys_l0 = _clip(polys_w, box / np.tile(s, 2)), _clip(polys_l0, box)
+        clip = np.asarray(transform.clip_l0, np.float64)
+        polys_w, cut = _clip(polys_w, clip / np.tile(s, 2))
+        polys_l0, _ = _clip(polys_l0, clip)
+        if cut.any():
+            area_w[cut] = shapely.area(polys_w[cut])
+            perimeter_w[cut] = shapely.length(polys_w[cut])
+            hull_area[cut] = shapely.area(shapely.convex_hull(polys_w[cut]))
         keep = ~shapely.is_empty(polys_l0)
         if not keep.all():
-            polys_w, polys_l0, idx, mom = polys_w[keep], polys_l0[keep], idx[keep], np.asarray(moments)[keep]
-            touches = list(np.asarray(touches)[keep])
-            moments = [tuple(m) for m in mom]
+            polys_l0, idx, values, touches = polys_l0[keep], idx[keep], values[keep], touches[keep]
+            area_w, perimeter_w, hull_area = area_w[keep], perimeter_w[keep], hull_area[keep]
             if not len(idx):
                 return NucleusTable.empty()
-    mom = np.asarray(moments, np.float64)
-    area_w = shapely.area(polys_w)
-    hull_area = shapely.area(shapely.convex_hull(polys_w))
+    ecc, major, minor = _shape_moments(values[:, :4])
     mpp = transform.mpp
     measurements = {
         "score": prompt_score[idx],
         "iou": masks.iou[idx],
         "area_um2": area_w * mpp * mpp,
-        "perimeter_um": shapely.length(polys_w) * mpp,
+        "perimeter_um": perimeter_w * mpp,
         "solidity": np.where(hull_area > 0, area_w / np.maximum(hull_area, 1e-9), 0.0),
-        "eccentricity": mom[:, 0],
-        "major_axis_um": mom[:, 1] * mpp,
-        "minor_axis_um": mom[:, 2] * mpp,
-        "hematoxylin_od_mean": mom[:, 3],
+        "eccentricity": ecc,
+        "major_axis_um": major * mpp,
+        "minor_axis_um": minor * mpp,
+        "hematoxylin_od_mean": values[:, 6],
     }
-    return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, np.asarray(touches))
+    return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, touches)
 
 
 def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tuple[int, int]) -> None:
@@ -200,13 +182,14 @@ def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tupl
     canvas[max(0, h - oy) :] = 0
 
 
-def _clip(polys: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Polygons clipped to box (x0, y0, x1, y1); only those crossing it are touched.  A polygon
-    the box cuts in two keeps its largest part; one wholly outside becomes empty."""
+def _clip(polys: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons clipped to box (x0, y0, x1, y1), and which of them reach beyond it (only
+    those are touched).  A polygon the box cuts in two keeps its largest part; one wholly
+    outside becomes empty."""
     b = shapely.bounds(polys)
     out = (b[:, 0] < box[0]) | (b[:, 1] < box[1]) | (b[:, 2] > box[2]) | (b[:, 3] > box[3])
     if not out.any():
-        return polys
+        return polys, out
     polys = polys.copy()
     clipped = shapely.clip_by_rect(polys[out], *box)
     for k, geom in zip(np.flatnonzero(out), clipped):
@@ -214,28 +197,28 @@ def _clip(polys: np.ndarray, box: np.ndarray) -> np.ndarray:
             parts = [g for g in geom.geoms if g.geom_type == "Polygon"]
             geom = max(parts, key=lambda g: g.area) if parts else shapely.Polygon()
         polys[k] = geom if geom.area > 0 else shapely.Polygon()
-    return polys
+    return polys, out
 
 
-def _polygons(rings: list[np.ndarray], scales: tuple[Any, ...]) -> list[np.ndarray]:
-    """Closed single-ring shapely Polygons from open vertex rings, once per scale factor."""
-    lengths = np.array([len(r) + 1 for r in rings])
-    ring_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    coords = np.concatenate([np.concatenate([r, r[:1]]) for r in rings]).astype(np.float64)
-    geom_offsets = np.arange(len(rings) + 1)
+def _polygons(corners: np.ndarray, starts: np.ndarray, ends: np.ndarray, scales: tuple[Any, ...]) -> list[np.ndarray]:
+    """Closed single-ring shapely Polygons from open vertex rings corners[starts[i]:ends[i]],
+    once per scale factor."""
+    closed = np.insert(corners, ends, corners[starts], axis=0).astype(np.float64)
+    ring_offsets = np.concatenate([[0], ends + np.arange(1, len(ends) + 1)])
+    geom_offsets = np.arange(len(ends) + 1)
     return [
-        shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords * scale, (ring_offsets, geom_offsets))
+        shapely.from_ragged_array(shapely.GeometryType.POLYGON, closed * scale, (ring_offsets, geom_offsets))
         for scale in scales
     ]
 
 
-def _shape_moments(m: dict[str, float]) -> tuple[float, float, float]:
+def _shape_moments(mom: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eccentricity, major and minor axis (px; 4*sqrt of the covariance eigenvalues, as for an
-    ellipse) from the moments of a filled polygon."""
-    n = m["m00"]
-    cxx, cyy, cxy = m["mu20"] / n, m["mu02"] / n, m["mu11"] / n
+    ellipse) from (K, 4) moments m00, mu20, mu11, mu02 of filled polygons."""
+    n = mom[:, 0]
+    cxx, cxy, cyy = mom[:, 1] / n, mom[:, 2] / n, mom[:, 3] / n
     half_tr, det = (cxx + cyy) / 2, cxx * cyy - cxy * cxy
-    root = float(np.sqrt(max(half_tr * half_tr - det, 0.0)))
-    l1, l2 = half_tr + root, max(half_tr - root, 0.0)
-    ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-    return ecc, 4 * float(np.sqrt(l1)), 4 * float(np.sqrt(l2))
+    root = np.sqrt(np.maximum(half_tr * half_tr - det, 0.0))
+    l1, l2 = half_tr + root, np.maximum(half_tr - root, 0.0)
+    ecc = np.sqrt(1 - l2 / np.where(l1 > 0, l1, 1.0))
+    return np.where(l1 > 0, ecc, 0.0), 4 * np.sqrt(l1), 4 * np.sqrt(l2)
