@@ -71,13 +71,18 @@ def machine_info() -> dict[str, Any]:
 def pipeline_figures(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """Throughput and stage figures of one `run_slide` from its report (`SlideResult.report_data`).
 
-    wall_s: the run's wall time (s).  tiles: prompter + segmentor tiles.  stitch+write rate:
-    nuclei per second of post-processing task time plus writing (one core's work).
+    wall_s: the run's wall time (s).  tiles: prompter + segmentor tiles.  stitch+write rate per
+    core: nuclei per CPU second of the stitching threads and of writing (thread CPU time, so
+    time spent waiting for the model's thread does not count; closing the writers at the end
+    by its wall time); the `_wall` figure divides by their wall time instead, waits included.
     """
     counts = report["counts"]
     task = report["task_time_s"]
     timings = report["timings_s"]
     post_write = task.get("post", 0.0) + timings.get("write", 0.0)
+    # closing the writers (after the last tile, nothing else running): its wall time is its CPU time
+    closing = max(timings.get("write", 0.0) - task.get("write_wall", 0.0), 0.0)
+    post_write_cpu = task.get("post_cpu", 0.0) + task.get("write_cpu", 0.0) + closing
     return {
         "wall_s": round(wall_s, 3),
         "prompter_tiles": counts["prompter_tiles"],
@@ -88,7 +93,8 @@ def pipeline_figures(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "stage_s": timings,
         "task_s": task,
         "model_fraction_of_wall": report["model_fraction_of_wall"],
-        "stitch_write_nuclei_per_s_per_core": round(counts["nuclei"] / max(post_write, 1e-9), 1),
+        "stitch_write_nuclei_per_s_per_core": round(counts["nuclei"] / max(post_write_cpu, 1e-9), 1),
+        "stitch_write_nuclei_per_s_wall": round(counts["nuclei"] / max(post_write, 1e-9), 1),
     }
 
 

@@ -230,7 +230,9 @@ def _run(
     from wsiseg.readers.scaled import ScaledSlide
 
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
-    work: dict[str, float] = {"read": 0.0, "model": 0.0, "post": 0.0}
+    # task time; post_cpu, write_cpu: CPU time of the stitching threads and of streaming the
+    # nuclei to the writers (waits for other threads left out); write_wall: the latter's wall time
+    work: dict[str, float] = {"read": 0.0, "model": 0.0, "post": 0.0, "post_cpu": 0.0, "write_cpu": 0.0, "write_wall": 0.0}
     t_start = time.perf_counter()
     started = time.time()  # partial outputs older than this are a killed run's
 
@@ -287,10 +289,12 @@ def _run(
         for table, tm in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec, map_store):
             _add(work, tm)
             unreadable.extend(tm.get(BAD_TILES_KEY, ()))
-            tw = time.perf_counter()
+            tw, cw = time.perf_counter(), time.thread_time()
             for w in writers:
                 w.write(table)
             timings["write"] += time.perf_counter() - tw
+            work["write_wall"] += time.perf_counter() - tw
+            work["write_cpu"] += time.thread_time() - cw
             n_nuclei += len(table)
             n_edge += int(table.touches_edge.sum())
             done += min(config.batch_tiles, n_jobs - done)

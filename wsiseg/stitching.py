@@ -12,7 +12,7 @@ equals its pixel count; level-0 polygons are clipped to the slide (and its bound
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -91,6 +91,112 @@ def absorb_enclosed(canvas: np.ndarray, bbox_px: np.ndarray) -> None:
     kernels.absorb_enclosed(canvas, np.asarray(bbox_px, np.int32))
 
 
+@dataclass(frozen=True)
+class TileOutlines:
+    """One tile's owned nuclei before polygons: what `tile_outlines` hands to `finish_nuclei`.
+
+    corners: (M, 2) int64 outline corners (x, y) in the working frame, ring i ending (exclusive)
+    at ends[i]; values: (K, 7) float64 m00, mu20, mu11, mu02, perimeter, hull area (working
+    px) and mean haematoxylin density; touches, score, iou, class_id: (K,) per nucleus.
+    """
+
+    corners: np.ndarray
+    ends: np.ndarray
+    values: np.ndarray
+    touches: np.ndarray
+    score: np.ndarray
+    iou: np.ndarray
+    class_id: np.ndarray
+
+
+def tile_outlines(
+    *,
+    tile_origin_px: tuple[int, int],
+    tile_shape: tuple[int, int],
+    masks: TileMasks,
+    n_owned: int,
+    prompt_ids: np.ndarray,
+    prompt_score: np.ndarray,
+    prompt_class: np.ndarray,
+    image: np.ndarray,
+    min_area_px: int = 1,
+    image_size_px: tuple[int, int] | None = None,
+) -> TileOutlines | None:
+    """The outlines and pixel measurements of a tile's first `n_owned` prompts (see
+    `stitch_tile` for the arguments); None when none is left."""
+    if n_owned == 0:
+        return None
+    # Higher IoU wins; among equals the lower global index (the higher prompter score).
+    order = np.lexsort((-prompt_ids, masks.iou))
+    priority = np.empty(len(order), np.int64)
+    priority[order] = np.arange(len(order))
+    canvas = resolve_overlaps(tile_shape, masks, priority)
+    if image_size_px is not None:
+        _clear_outside(canvas, tile_origin_px, image_size_px)
+    absorb_enclosed(canvas, masks.bbox_px)
+    # each owned mask's largest 4-connected part, its outline (holes filled) and measurements
+    idx, ends, corners, values = kernels.owned_nuclei(
+        canvas, masks.bbox_px, n_owned, np.ascontiguousarray(image), hematoxylin_tables(), float(min_area_px)
+    )
+    if not len(idx):
+        return None
+    h, w = tile_shape
+    box = masks.bbox_px[idx].astype(np.int64)
+    touches = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == w) | (box[:, 3] == h)
+    counts = np.diff(ends, prepend=0)
+    corners = corners + np.repeat(box[:, :2] + np.asarray(tile_origin_px, np.int64), counts, axis=0)
+    return TileOutlines(corners, ends, values, touches, prompt_score[idx], masks.iou[idx], prompt_class[idx])
+
+
+def finish_nuclei(tiles: Sequence[TileOutlines | None], transform: FrameTransform) -> NucleusTable:
+    """Level-0 polygons and measurements of the nuclei of `tiles`, in their order, as one table
+    (the same rows as `NucleusTable.concat` of each tile's own)."""
+    parts = [t for t in tiles if t is not None]
+    if not parts:
+        return NucleusTable.empty()
+    base = np.cumsum([0] + [len(t.corners) for t in parts[:-1]])
+    ends = np.concatenate([t.ends + b for t, b in zip(parts, base)])
+    corners = np.concatenate([t.corners for t in parts])
+    values = np.concatenate([t.values for t in parts])
+    touches = np.concatenate([t.touches for t in parts])
+    score, iou, class_id = (np.concatenate([getattr(t, k) for t in parts]) for k in ("score", "iou", "class_id"))
+    starts = np.concatenate([[0], ends[:-1]])
+    s = np.broadcast_to(np.asarray(transform.scale, np.float64), (2,))
+    polys_w, polys_l0 = _polygons(corners, starts, ends, (1.0, s))
+    # pixel-edge outlines: area, perimeter and hull area are exact from the kernel; an outline
+    # the slide's box cuts is measured again by shapely
+    area_w, perimeter_w, hull_area = values[:, 0].copy(), values[:, 4].copy(), values[:, 5].copy()
+    if transform.clip_l0 is not None:
+        clip = np.asarray(transform.clip_l0, np.float64)
+        polys_w, cut = _clip(polys_w, clip / np.tile(s, 2))
+        polys_l0, _ = _clip(polys_l0, clip)
+        if cut.any():
+            area_w[cut] = shapely.area(polys_w[cut])
+            perimeter_w[cut] = shapely.length(polys_w[cut])
+            hull_area[cut] = shapely.area(shapely.convex_hull(polys_w[cut]))
+        keep = ~shapely.is_empty(polys_l0)
+        if not keep.all():
+            polys_l0, values, touches = polys_l0[keep], values[keep], touches[keep]
+            score, iou, class_id = score[keep], iou[keep], class_id[keep]
+            area_w, perimeter_w, hull_area = area_w[keep], perimeter_w[keep], hull_area[keep]
+            if not len(values):
+                return NucleusTable.empty()
+    ecc, major, minor = _shape_moments(values[:, :4])
+    mpp = transform.mpp
+    measurements = {
+        "score": score,
+        "iou": iou,
+        "area_um2": area_w * mpp * mpp,
+        "perimeter_um": perimeter_w * mpp,
+        "solidity": np.where(hull_area > 0, area_w / np.maximum(hull_area, 1e-9), 0.0),
+        "eccentricity": ecc,
+        "major_axis_um": major * mpp,
+        "minor_axis_um": minor * mpp,
+        "hematoxylin_od_mean": values[:, 6],
+    }
+    return NucleusTable.from_polygons(polys_l0, class_id, measurements, touches)
+
+
 def stitch_tile(
     *,
     tile_origin_px: tuple[int, int],
@@ -116,60 +222,12 @@ def stitch_tile(
         tile holds mirrored content) are not part of any nucleus.
     Returns a NucleusTable in level-0 coordinates, rows in owned-prompt order, empty masks dropped.
     """
-    if n_owned == 0:
-        return NucleusTable.empty()
-    # Higher IoU wins; among equals the lower global index (the higher prompter score).
-    order = np.lexsort((-prompt_ids, masks.iou))
-    priority = np.empty(len(order), np.int64)
-    priority[order] = np.arange(len(order))
-    canvas = resolve_overlaps(tile_shape, masks, priority)
-    if image_size_px is not None:
-        _clear_outside(canvas, tile_origin_px, image_size_px)
-    absorb_enclosed(canvas, masks.bbox_px)
-    # each owned mask's largest 4-connected part, its outline (holes filled) and measurements
-    idx, ends, corners, values = kernels.owned_nuclei(
-        canvas, masks.bbox_px, n_owned, np.ascontiguousarray(image), hematoxylin_tables(), float(min_area_px)
+    outlines = tile_outlines(
+        tile_origin_px=tile_origin_px, tile_shape=tile_shape, masks=masks, n_owned=n_owned, prompt_ids=prompt_ids,
+        prompt_score=prompt_score, prompt_class=prompt_class, image=image, min_area_px=min_area_px,
+        image_size_px=image_size_px,
     )
-    if not len(idx):
-        return NucleusTable.empty()
-    h, w = tile_shape
-    box = masks.bbox_px[idx].astype(np.int64)
-    touches = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == w) | (box[:, 3] == h)
-    starts = np.concatenate([[0], ends[:-1]])
-    corners = corners + np.repeat(box[:, :2] + np.asarray(tile_origin_px, np.int64), ends - starts, axis=0)
-    s = np.broadcast_to(np.asarray(transform.scale, np.float64), (2,))
-    polys_w, polys_l0 = _polygons(corners, starts, ends, (1.0, s))
-    # pixel-edge outlines: area, perimeter and hull area are exact from the kernel; an outline
-    # the slide's box cuts is measured again by shapely
-    area_w, perimeter_w, hull_area = values[:, 0].copy(), values[:, 4].copy(), values[:, 5].copy()
-    if transform.clip_l0 is not None:
-        clip = np.asarray(transform.clip_l0, np.float64)
-        polys_w, cut = _clip(polys_w, clip / np.tile(s, 2))
-        polys_l0, _ = _clip(polys_l0, clip)
-        if cut.any():
-            area_w[cut] = shapely.area(polys_w[cut])
-            perimeter_w[cut] = shapely.length(polys_w[cut])
-            hull_area[cut] = shapely.area(shapely.convex_hull(polys_w[cut]))
-        keep = ~shapely.is_empty(polys_l0)
-        if not keep.all():
-            polys_l0, idx, values, touches = polys_l0[keep], idx[keep], values[keep], touches[keep]
-            area_w, perimeter_w, hull_area = area_w[keep], perimeter_w[keep], hull_area[keep]
-            if not len(idx):
-                return NucleusTable.empty()
-    ecc, major, minor = _shape_moments(values[:, :4])
-    mpp = transform.mpp
-    measurements = {
-        "score": prompt_score[idx],
-        "iou": masks.iou[idx],
-        "area_um2": area_w * mpp * mpp,
-        "perimeter_um": perimeter_w * mpp,
-        "solidity": np.where(hull_area > 0, area_w / np.maximum(hull_area, 1e-9), 0.0),
-        "eccentricity": ecc,
-        "major_axis_um": major * mpp,
-        "minor_axis_um": minor * mpp,
-        "hematoxylin_od_mean": values[:, 6],
-    }
-    return NucleusTable.from_polygons(polys_l0, prompt_class[idx], measurements, touches)
+    return finish_nuclei([outlines], transform)
 
 
 def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tuple[int, int]) -> None:
