@@ -13,14 +13,26 @@ compare them on random masks (tests/test_stitch_kernels.py):
   of their first pixel, the first of equal largest parts kept;
 - moments: `cv2.moments` of the outline (see `_moments`);
 - the mean: `cv2.mean` with a mask (a double sum in raster order, times 1 / count).
-Compiled on first use and cached on disk (numba's `cache=True`); they release the GIL, so a
-stitching thread runs beside the model for real.
+Compiled on first use and cached on disk (numba's `cache=True`: next to this file, else in the
+user's cache folder; where neither is writable, each process compiles them again); they release
+the GIL, so a stitching thread runs beside the model for real.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numba as nb
 import numpy as np
+
+
+def _compiled(fn: Callable[..., Any]) -> Any:
+    """numba's nopython compilation without the GIL, cached on disk where a folder allows it."""
+    try:
+        return nb.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return nb.njit(nogil=True)(fn)
+
 
 # Directions of a step along pixel edges, in left-turn order: down, right, up, left (image
 # frame, y down).  Walking this way the traced region is on the walker's left.
@@ -34,7 +46,7 @@ _RX = np.array([-1, 0, 0, -1], np.int64)
 _RY = np.array([0, 0, -1, -1], np.int64)
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def paint_masks(canvas: np.ndarray, bbox: np.ndarray, flat: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> None:
     """Paint masks into `canvas` (int32, (h, w)) in `order`, later ones on top; value = index + 1.
 
@@ -55,7 +67,7 @@ def paint_masks(canvas: np.ndarray, bbox: np.ndarray, flat: np.ndarray, offsets:
                     canvas[y0 + r, x0 + c] = i + 1
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def absorb_enclosed(canvas: np.ndarray, bbox: np.ndarray) -> None:
     """Merge every mask lying in a hole of another mask into that mask, in place.
 
@@ -117,7 +129,7 @@ def absorb_enclosed(canvas: np.ndarray, bbox: np.ndarray) -> None:
                         canvas[by + r, bx + c] = j
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _find(parent: np.ndarray, i: int) -> int:
     root = i
     while parent[root] != root:
@@ -127,7 +139,7 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _largest_part(canvas: np.ndarray, value: int, x0: int, y0: int, h: int, w: int, runs: np.ndarray) -> int:
     """The largest 4-connected part of (canvas == value) in the box at (x0, y0), h x w.
 
@@ -183,12 +195,12 @@ def _largest_part(canvas: np.ndarray, value: int, x0: int, y0: int, h: int, w: i
     return n
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _cell(labels: np.ndarray, part: int, h: int, w: int, y: int, x: int) -> bool:
     return 0 <= y < h and 0 <= x < w and labels[y, x] == part
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _trace(labels: np.ndarray, part: int, h: int, w: int, sx: int, sy: int, out: np.ndarray) -> int:
     """Corners of the outer pixel-edge outline of part `part` of labels[:h, :w] into out (k, 2)
     int64 (x, y); returns k.  (sx, sy): the part's first pixel in raster order; the walk
@@ -219,7 +231,7 @@ def _trace(labels: np.ndarray, part: int, h: int, w: int, sx: int, sy: int, out:
     return k
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _hull_area(ring: np.ndarray, k: int, order: np.ndarray, hull: np.ndarray) -> float:
     """Area of the convex hull of the integer points ring[:k] (Andrew's monotone chain; the
     cross products and the shoelace sum are exact in int64)."""
@@ -249,7 +261,7 @@ def _hull_area(ring: np.ndarray, k: int, order: np.ndarray, hull: np.ndarray) ->
     return abs(twice) * 0.5
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def _moments(ring: np.ndarray, k: int) -> tuple[float, float, float, float]:
     """m00, mu20, mu11, mu02 of the polygon ring[:k] (integer vertices), as `cv2.moments` of
     the contour gives them.  Green's theorem: with c_i = x_{i-1} y_i - x_i y_{i-1},
@@ -282,7 +294,7 @@ def _moments(ring: np.ndarray, k: int) -> tuple[float, float, float, float]:
     return m00, m20 - m10 * cx, m11 - m10 * cy, m02 - m01 * cy
 
 
-@nb.njit(cache=True, nogil=True)
+@_compiled
 def owned_nuclei(
     canvas: np.ndarray,
     bbox: np.ndarray,
