@@ -163,3 +163,15 @@ def test_level0_polygons_are_clipped_to_the_slide() -> None:
     assert poly.bounds[2] == 61 and poly.bounds[3] == 41
     assert poly.is_valid and poly.geom_type == "Polygon"
     np.testing.assert_allclose(table.measurements["area_um2"], poly.area * 0.25 * 0.25)
+
+
+def test_a_mask_box_outside_the_tile_is_refused_before_painting() -> None:
+    import pytest
+
+    from wsiseg.stitching import resolve_overlaps
+
+    inside = TileMasks(np.array([[2, 2, 6, 6]]), [np.ones((4, 4), bool)], np.ones(1))
+    assert resolve_overlaps((8, 8), inside, np.zeros(1)).sum() == 16
+    for box, mask in (([5, 5, 10, 10], np.ones((5, 5), bool)), ([0, 0, 4, 4], np.ones((3, 3), bool))):
+        with pytest.raises(ValueError, match="segmentor mask 0"):
+            resolve_overlaps((8, 8), TileMasks(np.array([box]), [mask], np.ones(1)), np.zeros(1))

@@ -68,12 +68,25 @@ def resolve_overlaps(
     """Paint masks into an int32 (h, w) canvas, lowest priority first; values are mask index + 1.
 
     priority: (P,) int, a mask of higher priority wins the pixels it shares with lower ones.
+    Raises ValueError when a mask's box leaves the tile or its shape is not its box's.
     """
     canvas = np.zeros(tile_size, np.int32)
     sizes = np.array([m.size for m in masks.masks], np.int64)
+    box = masks.bbox_px.astype(np.int64)
+    used = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    h, w = tile_size
+    outside = used & ((box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > w) | (box[:, 3] > h))
+    wrong = used & (sizes != (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+    if outside.any() or wrong.any():
+        i = int(np.flatnonzero(outside | wrong)[0])
+        raise ValueError(
+            f"segmentor mask {i}: box {box[i].tolist()} must lie in the {w}x{h} tile and the mask's shape "
+            f"{masks.masks[i].shape} must be its (height, width)"
+        )
+    sizes[~used] = 0  # empty boxes paint nothing
     offsets = np.zeros(len(sizes), np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
-    flat = np.concatenate([m.ravel() for m in masks.masks]) if len(sizes) else np.zeros(0, bool)
+    flat = np.concatenate([m.ravel() for m, u in zip(masks.masks, used) if u] or [np.zeros(0, bool)])
     kernels.paint_masks(canvas, masks.bbox_px, flat.view(np.bool_), offsets, np.argsort(priority, kind="stable"))
     return canvas
 
