@@ -179,6 +179,27 @@ def test_rasterizer_matches_pixel_centre_containment() -> None:
         assert np.array_equal(canvas == 9, shapely.contains_xy(poly, jj + 3.5, ii + 2.5)), i
 
 
+def test_overlapping_polygons_leave_each_pixel_the_largest_label_containing_its_centre() -> None:
+    rng = np.random.default_rng(7)
+    polys = []
+    for _ in range(60):
+        x0, y0 = rng.uniform(-3, 28, 2)
+        polys.append(shapely.box(x0, y0, x0 + rng.uniform(1, 9), y0 + rng.uniform(1, 9)))
+    labels = rng.permutation(len(polys)).astype(np.uint32) + 5
+    _, coords, (ring_offsets, geom_offsets) = shapely.to_ragged_array(polys)
+    canvas = np.zeros((30, 32), np.uint32)
+    canvas[0, :] = 3  # painted pixels only ever grow
+    rasterize_polygons(canvas, coords, ring_offsets, geom_offsets, labels)
+    jj, ii = np.meshgrid(np.arange(32), np.arange(30))
+    expected = np.zeros((30, 32), np.uint32)
+    expected[0, :] = 3
+    for poly, label in zip(polys, labels):
+        inside = shapely.contains_xy(poly, jj + 0.5, ii + 0.5)
+        expected[inside] = np.maximum(expected[inside], label)
+    assert np.array_equal(canvas, expected)
+    assert len(np.unique(canvas)) > 20
+
+
 def test_provenance_status_and_consolidated_metadata(tmp_path: Path) -> None:
     props = SlideProperties(Path("/data/s.svs"), "tiffslide", "aperio", ((1200, 900),), (1.0,), (0.5, 0.5), 20.0, None)
     path = write_store(tmp_path / "s.zarr", [make_table(blob_polygons(20, 1200, 900))], slide=props,

@@ -13,26 +13,15 @@ compare them on random masks (tests/test_stitch_kernels.py):
   of their first pixel, the first of equal largest parts kept;
 - moments: `cv2.moments` of the outline (see `_moments`);
 - the mean: `cv2.mean` with a mask (a double sum in raster order, times 1 / count).
-Compiled on first use and cached on disk (numba's `cache=True`: next to this file, else in the
-user's cache folder; where neither is writable, each process compiles them again); they release
-the GIL, so a stitching thread runs beside the model for real.
+Compiled on first use and cached on disk (`wsiseg.compiled`); they release the GIL, so a
+stitching thread runs beside the model for real.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import numba as nb
 import numpy as np
 
-
-def _compiled(fn: Callable[..., Any]) -> Any:
-    """numba's nopython compilation without the GIL, cached on disk where a folder allows it."""
-    try:
-        return nb.njit(cache=True, nogil=True)(fn)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-        return nb.njit(nogil=True)(fn)
-
+from wsiseg.compiled import compiled as _compiled
 
 # Directions of a step along pixel edges, in left-turn order: down, right, up, left (image
 # frame, y down).  Walking this way the traced region is on the walker's left.

@@ -87,7 +87,9 @@ def resolve_overlaps(
     offsets = np.zeros(len(sizes), np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     flat = np.concatenate([m.ravel() for m, u in zip(masks.masks, used) if u] or [np.zeros(0, bool)])
-    kernels.paint_masks(canvas, masks.bbox_px, flat.view(np.bool_), offsets, np.argsort(priority, kind="stable"))
+    kernels.paint_masks(
+        canvas, np.ascontiguousarray(masks.bbox_px), flat.view(np.bool_), offsets, np.argsort(priority, kind="stable")
+    )
     return canvas
 
 
@@ -101,7 +103,7 @@ def absorb_enclosed(canvas: np.ndarray, bbox_px: np.ndarray) -> None:
     Masks are visited in increasing label order.  bbox_px: (P, 4) int32 boxes (x0, y0, x1,
     y1) holding every pixel of label i + 1 (`TileMasks.bbox_px`).
     """
-    kernels.absorb_enclosed(canvas, np.asarray(bbox_px, np.int32))
+    kernels.absorb_enclosed(canvas, np.ascontiguousarray(bbox_px, np.int32))
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def tile_outlines(
     absorb_enclosed(canvas, masks.bbox_px)
     # each owned mask's largest 4-connected part, its outline (holes filled) and measurements
     idx, ends, corners, values = kernels.owned_nuclei(
-        canvas, masks.bbox_px, n_owned, np.ascontiguousarray(image), hematoxylin_tables(), float(min_area_px)
+        canvas, np.ascontiguousarray(masks.bbox_px), n_owned, np.ascontiguousarray(image), hematoxylin_tables(),
+        float(min_area_px),
     )
     if not len(idx):
         return None
@@ -241,6 +244,21 @@ def stitch_tile(
         image_size_px=image_size_px,
     )
     return finish_nuclei([outlines], transform)
+
+
+def warm_up() -> None:
+    """Load the compiled stitching and label-raster kernels (numba's disk cache; compiled on a
+    fresh install) by stitching one tiny tile, so the first real tile does not wait for them.
+    wsiseg calls it in a background thread when a process loads its models."""
+    from wsiseg.writers.labels import rasterize_polygons
+
+    masks = TileMasks(np.array([[2, 2, 6, 6]], np.int32), [np.ones((4, 4), bool)], np.ones(1, np.float32))
+    table = stitch_tile(
+        tile_origin_px=(0, 0), tile_shape=(8, 8), masks=masks, n_owned=1, prompt_ids=np.zeros(1, np.int64),
+        prompt_score=np.ones(1, np.float32), prompt_class=np.zeros(1, np.int16), image=np.zeros((8, 8, 3), np.uint8),
+        transform=FrameTransform(1.0, 1.0),
+    )
+    rasterize_polygons(np.zeros((8, 8), np.uint32), table.coords, table.ring_offsets, table.geom_offsets, np.ones(1))
 
 
 def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tuple[int, int]) -> None:

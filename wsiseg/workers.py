@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -50,8 +51,20 @@ class ModelSpec:
         return WORKER_CACHE[key]
 
 
+def _warm_stitching() -> None:
+    try:
+        from wsiseg.stitching import warm_up
+
+        warm_up()
+    except Exception:  # the first real tile meets (and reports) the same problem
+        log.debug("loading the stitching kernels in advance failed", exc_info=True)
+
+
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.models import load_prompter, load_segmentor
+
+    # the stitching kernels load beside the model (they are needed once the first masks exist)
+    threading.Thread(target=_warm_stitching, name="wsiseg-warm-up", daemon=True).start()
 
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
     prompter_name = spec.prompter or spec.model

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.compiled import compiled
+
 __all__ = [
     "concat_ranges",
     "create_label_pyramid",
@@ -85,10 +87,18 @@ def rasterize_polygons(
     j0 = np.clip(np.ceil(x[0::2] - 0.5), 0, w).astype(np.int64)
     j1 = np.clip(np.ceil(x[1::2] - 0.5), 0, w).astype(np.int64)
     keep = j1 > j0
-    lengths = (j1 - j0)[keep]
-    pixels = concat_ranges(row[keep] * w + j0[keep], lengths)
-    values = np.repeat(np.asarray(labels, canvas.dtype)[group[0::2][keep] // h], lengths)
-    np.maximum.at(canvas.reshape(-1), pixels, values)
+    values = np.asarray(labels, canvas.dtype)[group[0::2][keep] // h]
+    _paint_runs_max(canvas.reshape(-1), row[keep] * w + j0[keep], (j1 - j0)[keep], values)
+
+
+@compiled
+def _paint_runs_max(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
+    """flat[s : s + n] = max(flat[s : s + n], v) for every run (s, n, v)."""
+    for k in range(starts.shape[0]):
+        v = values[k]
+        for p in range(starts[k], starts[k] + lengths[k]):
+            if flat[p] < v:
+                flat[p] = v
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
