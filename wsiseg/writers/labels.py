@@ -48,57 +48,79 @@ def rasterize_polygons(
     coords / ring_offsets / geom_offsets: GeoArrow polygons in level-0 px (edge frame),
     exterior then holes, rings closed.  labels: (N,) one per polygon.
 
-    Scan-line fill, vectorised over all polygons: every non-horizontal edge is cut at the
-    pixel-centre rows y = i + 0.5 it spans (half-open in y), crossings are sorted per
-    (polygon, row) and paired (even-odd rule, so holes stay empty); a pixel is inside a
-    pair when xl <= j + 0.5 < xr.  Exact for any polygon whose pixel centres avoid its
-    edges, e.g. every edge-traced polygon (integer vertices): painted count == area.
+    Scan-line fill, compiled: every non-horizontal edge is cut at the pixel-centre rows
+    y = i + 0.5 it spans (half-open in y), each polygon's crossings are sorted per row and
+    paired (even-odd rule, so holes stay empty); a pixel is inside a pair when
+    xl <= j + 0.5 < xr.  Exact for any polygon whose pixel centres avoid its edges, e.g.
+    every edge-traced polygon (integer vertices): painted count == area.
+    Raises ValueError when a ring is not closed (a row crossed an odd number of times).
     """
-    h, w = canvas.shape
     if len(labels) == 0:
         return
-    ox, oy = origin_xy
-    xy = np.asarray(coords, np.float64) - (ox, oy)
-    ring_offsets = np.asarray(ring_offsets, np.int64)
-    ring_of_poly = np.repeat(np.arange(len(geom_offsets) - 1), np.diff(geom_offsets))
-    poly_of_vertex = np.repeat(ring_of_poly, np.diff(ring_offsets))
-    # Edge k joins vertex k to vertex k + 1 of the same ring; the last vertex of a ring
-    # joins its first (a zero-length edge for closed rings, dropped as horizontal).
-    nxt = np.arange(1, len(xy) + 1)
-    nxt[ring_offsets[1:] - 1] = ring_offsets[:-1]
-    xa, ya, xb, yb = xy[:, 0], xy[:, 1], xy[nxt, 0], xy[nxt, 1]
-    ylo, yhi = np.minimum(ya, yb), np.maximum(ya, yb)
-    row0 = np.clip(np.ceil(ylo - 0.5), 0, h).astype(np.int64)
-    row1 = np.clip(np.ceil(yhi - 0.5), 0, h).astype(np.int64)
-    edges = np.flatnonzero(row1 > row0)
-    if len(edges) == 0:
-        return
-    count = row1[edges] - row0[edges]
-    edge = np.repeat(edges, count)
-    row = concat_ranges(row0[edges], count)
-    yc = row + 0.5
-    x = xa[edge] + (yc - ya[edge]) * (xb[edge] - xa[edge]) / (yb[edge] - ya[edge])
-    group = poly_of_vertex[edge] * h + row
-    order = np.lexsort((x, group))
-    group, x = group[order], x[order]
-    if len(group) % 2 or not np.array_equal(group[0::2], group[1::2]):
+    if canvas.ndim != 2 or not canvas.flags.c_contiguous:
+        raise ValueError("rasterize_polygons: canvas must be a C-contiguous 2-D array")
+    xy = np.ascontiguousarray(np.asarray(coords, np.float64).reshape(-1, 2) - np.asarray(origin_xy, np.float64))
+    ok = _scanline_fill(
+        canvas, xy, np.ascontiguousarray(ring_offsets, np.int64), np.ascontiguousarray(geom_offsets, np.int64),
+        np.ascontiguousarray(labels, canvas.dtype),
+    )
+    if not ok:
         raise ValueError("polygon rings must be closed for rasterization")
-    row = group[0::2] % h
-    j0 = np.clip(np.ceil(x[0::2] - 0.5), 0, w).astype(np.int64)
-    j1 = np.clip(np.ceil(x[1::2] - 0.5), 0, w).astype(np.int64)
-    keep = j1 > j0
-    values = np.asarray(labels, canvas.dtype)[group[0::2][keep] // h]
-    _paint_runs_max(canvas.reshape(-1), row[keep] * w + j0[keep], (j1 - j0)[keep], values)
 
 
 @compiled
-def _paint_runs_max(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
-    """flat[s : s + n] = max(flat[s : s + n], v) for every run (s, n, v)."""
-    for k in range(starts.shape[0]):
-        v = values[k]
-        for p in range(starts[k], starts[k] + lengths[k]):
-            if flat[p] < v:
-                flat[p] = v
+def _scanline_fill(
+    canvas: np.ndarray, xy: np.ndarray, ring_offsets: np.ndarray, geom_offsets: np.ndarray, labels: np.ndarray
+) -> bool:
+    """The fill of `rasterize_polygons`, one polygon at a time; False when a row has an odd
+    number of crossings."""
+    h, w = canvas.shape
+    xs = np.empty(64, np.float64)
+    rows = np.empty(64, np.int64)
+    for p in range(geom_offsets.shape[0] - 1):
+        label = labels[p]
+        n = 0
+        for r in range(geom_offsets[p], geom_offsets[p + 1]):
+            start, end = ring_offsets[r], ring_offsets[r + 1]
+            for k in range(start, end):
+                nk = k + 1 if k + 1 < end else start  # the last vertex joins the first
+                xa, ya, xb, yb = xy[k, 0], xy[k, 1], xy[nk, 0], xy[nk, 1]
+                row0 = int(min(max(np.ceil(min(ya, yb) - 0.5), 0.0), float(h)))
+                row1 = int(min(max(np.ceil(max(ya, yb) - 0.5), 0.0), float(h)))
+                if row1 <= row0:
+                    continue
+                if n + row1 - row0 > xs.shape[0]:
+                    size = max(2 * xs.shape[0], n + row1 - row0)
+                    grown_x, grown_r = np.empty(size, np.float64), np.empty(size, np.int64)
+                    grown_x[:n], grown_r[:n] = xs[:n], rows[:n]
+                    xs, rows = grown_x, grown_r
+                for row in range(row0, row1):
+                    yc = row + 0.5
+                    xs[n] = xa + (yc - ya) * (xb - xa) / (yb - ya)
+                    rows[n] = row
+                    n += 1
+        if n == 0:
+            continue
+        # crossings by row, then x (stable insertion sort: one polygon's list is short)
+        for i in range(1, n):
+            x, row = xs[i], rows[i]
+            j = i - 1
+            while j >= 0 and (rows[j] > row or (rows[j] == row and xs[j] > x)):
+                xs[j + 1], rows[j + 1] = xs[j], rows[j]
+                j -= 1
+            xs[j + 1], rows[j + 1] = x, row
+        if n % 2:
+            return False
+        for i in range(0, n, 2):
+            if rows[i] != rows[i + 1]:
+                return False
+            j0 = int(min(max(np.ceil(xs[i] - 0.5), 0.0), float(w)))
+            j1 = int(min(max(np.ceil(xs[i + 1] - 0.5), 0.0), float(w)))
+            row = rows[i]
+            for j in range(j0, j1):
+                if canvas[row, j] < label:
+                    canvas[row, j] = label
+    return True
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
