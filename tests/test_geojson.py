@@ -15,12 +15,8 @@ import shapely
 
 from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import MEASUREMENTS, NucleusTable
-from wsiseg.writers.geojson import (
-    GeoJSONWriter,
-    _fixed_point_chars,
-    _measurement_texts,
-    check_qupath_geojson,
-)
+from wsiseg.writers.geojson import GeoJSONWriter, check_qupath_geojson
+from wsiseg.writers.geojson_text import _put_number
 
 CLASSES = (NucleusClass(0, "Neoplastic", (255, 0, 0)), NucleusClass(1, "Immune cell", (0, 128, 255)))
 SUFFIX = {"gz": ".geojson.gz", "geojson": ".geojson", "zip": ".zip"}
@@ -206,20 +202,32 @@ def test_bad_arguments_are_refused_with_a_clear_message(tmp_path: Path) -> None:
     writer.abort()
 
 
-def test_number_text_parses_back_to_the_rounded_values() -> None:
+def _number_texts(values: np.ndarray, decimals: int) -> list[str]:
+    scratch, out = np.empty(32, np.uint8), []
+    for v in values:
+        buf, used = _put_number(np.empty(4, np.uint8), 0, float(v), decimals, scratch)
+        out.append(bytes(buf[:used]).decode())
+    return out
+
+
+def test_number_text_parses_back_to_the_rounded_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     values = np.concatenate(
         [rng.uniform(-2e5, 2e5, 5000), [0.0, -0.0, -0.001, 0.005, 1.005, 2.675, 99999.995, 1e7 + 0.01]]
     )
-    chars, mask = _fixed_point_chars(values, 2)
-    texts = [bytes(c[m]).decode() for c, m in zip(chars, mask)]
+    texts = _number_texts(values, 2)
     assert [float(t) for t in texts] == (np.round(values, 2) + 0.0).tolist()
     assert all(not t.startswith("-0") or t.startswith("-0.") for t in texts) and "-0" not in texts
     assert not any(t.endswith("0") and "." in t for t in texts)  # no trailing zeros after the point
+    assert _number_texts(np.array([120.0, -7.5, 3.25]), 0) == ["120", "-8", "3"]  # rint: half to even
     cols = [np.array([0.123456789, 5e-7, 3.0], np.float32), np.array([123456.7, 0.5, -2.25], np.float32)]
-    parsed = [json.loads("{" + t + "}") for t in _measurement_texts(["a", "b"], cols)]
-    for k, col in enumerate(cols):  # about 6 significant digits of the column's largest value
-        got = [p["ab"[k]] for p in parsed]
+    table = make_table([shapely.box(i, 0, i + 1, 1) for i in range(3)])
+    table.measurements["score"], table.measurements["iou"] = cols
+    with GeoJSONWriter(tmp_path / "m.geojson", fmt="geojson", classes=CLASSES) as writer:
+        writer.write(table)
+    parsed = [f["properties"]["measurements"] for f in json.loads((tmp_path / "m.geojson").read_text())["features"]]
+    for name, col in zip(("score", "iou"), cols):  # about 6 significant digits of the column's largest value
+        got = [p[name] for p in parsed]
         np.testing.assert_allclose(got, col, rtol=0, atol=1e-5 * np.abs(col).max())
 
 

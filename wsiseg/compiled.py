@@ -17,3 +17,22 @@ def compiled(fn: Callable[..., Any]) -> Any:
         return nb.njit(cache=True, nogil=True)(fn)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
         return nb.njit(nogil=True)(fn)
+
+
+def warm_up() -> None:
+    """Load every compiled kernel of a run now (from numba's disk cache; compiled on a fresh
+    install), on inputs of the types a run gives them, so the first tile and the first write
+    do not wait for them.  wsiseg calls it in a background thread when a process loads its
+    models."""
+    import numpy as np
+
+    from wsiseg.stitching import warm_up as warm_stitching
+    from wsiseg.writers.geojson_text import feature_texts, pieces
+
+    warm_stitching()
+    text, offsets = pieces(["{", "[", "]", "[", "(", "{", "}", ",", '"a":', ""])
+    square = np.array([[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]], np.float64)
+    feature_texts(
+        np.zeros((1, 16), np.uint8), square, np.array([0, 5], np.int64), np.array([0, 1], np.int64),
+        np.zeros(1, np.int64), np.ones((1, 1), np.float64), np.zeros(1, np.int64), text, offsets, False,
+    )

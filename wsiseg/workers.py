@@ -53,17 +53,17 @@ class ModelSpec:
 
 def _warm_stitching() -> None:
     try:
-        from wsiseg.stitching import warm_up
+        from wsiseg.compiled import warm_up
 
         warm_up()
     except Exception:  # the first real tile meets (and reports) the same problem
-        log.debug("loading the stitching kernels in advance failed", exc_info=True)
+        log.debug("loading the compiled kernels in advance failed", exc_info=True)
 
 
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.models import load_prompter, load_segmentor
 
-    # the stitching kernels load beside the model (they are needed once the first masks exist)
+    # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_stitching, name="wsiseg-warm-up", daemon=True).start()
 
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)

@@ -12,7 +12,7 @@ Coordinates written = level-0 pixels (pixel-edge frame) minus `offset_l0` (the s
 the measurement ``label_id``: 1 + its position in the stream of nuclei given to
 `write`, the same id the Zarr store writes, so the two outputs join on it.
 
-Features are formatted batch by batch (numpy + str.format, no per-feature dicts) and
+Features are formatted batch by batch (one compiled call, `wsiseg.writers.geojson_text`) and
 streamed to ``<path>.partial-<hex>``, renamed onto `path` by `close`; `abort` deletes it.
 """
 
@@ -39,6 +39,7 @@ from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import NucleusTable
 from wsiseg.writers.report import jsonable
 from wsiseg.writers.base import StreamingWriter
+from wsiseg.writers.geojson_text import feature_texts, pieces
 
 __all__ = ["GeoJSONSummary", "GeoJSONWriter", "check_qupath_geojson", "make_qupath_valid"]
 
@@ -171,8 +172,10 @@ class GeoJSONWriter(StreamingWriter):
         self.offset_l0 = (float(offset[0]), float(offset[1]))
         self.object_type = object_type
         self.shard_size = int(shard_size)
-        self._classification = _class_members(classes)
-        self._feature_format = _feature_template(object_type).format
+        members = _class_members(classes)
+        self._class_ids = np.array(sorted(members), np.int64)
+        self._classification = {c: members[c] for c in self._class_ids.tolist()}
+        self._template = _feature_pieces(object_type)
         frame = {"space": "qupath_image_pixels", "pixel_convention": "edge", "offset_l0": list(self.offset_l0)}
         self._head = _members_json({"coordinate_frame": frame, **dict(foreign_members or {})})
         self._rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
@@ -227,22 +230,21 @@ class GeoJSONWriter(StreamingWriter):
             return
         label_id = np.arange(self._n_seen + 1, self._n_seen + n + 1, dtype=np.int64)
         self._n_seen += n
-        features = self._format(table, label_id)
-        start = 0
-        while start < len(features):
+        text, ends = self._format(table, label_id)  # features separated by ",\n"
+        n_features, start = len(ends), 0
+        while start < n_features:
             if self._zip is not None and (not self._collection_open or self._entry_count >= self.shard_size):
                 if self._collection_open:
                     self._close_collection()
                 self._open_collection()
-            room = self.shard_size - self._entry_count if self._zip is not None else len(features)
-            chunk = features[start : start + room]
-            text = ",\n".join(chunk)
-            if self._entry_count:
-                text = ",\n" + text
-            self._out.write(text.encode("utf-8"))
-            self._entry_count += len(chunk)
-            self._n_written += len(chunk)
-            start += len(chunk)
+            room = self.shard_size - self._entry_count if self._zip is not None else n_features
+            stop = min(start + room, n_features)
+            a = 0 if start == 0 else int(ends[start - 1]) + 2  # after the previous feature's ",\n"
+            chunk = text[a : int(ends[stop - 1])].tobytes()
+            self._out.write(b",\n" + chunk if self._entry_count else chunk)  # one write per chunk, as always
+            self._entry_count += stop - start
+            self._n_written += stop - start
+            start = stop
 
     @names_full_disk  # a full disk: one line naming it and its free space
     def close(self) -> GeoJSONSummary:
@@ -281,8 +283,8 @@ class GeoJSONWriter(StreamingWriter):
         self._tmp.unlink(missing_ok=True)
 
     # -- formatting --------------------------------------------------------------------
-    def _format(self, table: NucleusTable, label_id: np.ndarray) -> list[str]:
-        """One compact JSON text per kept nucleus."""
+    def _format(self, table: NucleusTable, label_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kept nuclei's Features as one uint8 text, separated by ",\n", and the end of each."""
         coords = _round2(table.coords - np.asarray(self.offset_l0))
         ring_offsets, geom_offsets = table.ring_offsets, table.geom_offsets
         polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
@@ -297,146 +299,65 @@ class GeoJSONWriter(StreamingWriter):
             self._n_repaired += int((~dropped).sum())
             self._n_dropped += int(dropped.sum())
             if not keep.any():
-                return []
+                return np.zeros(0, np.uint8), np.zeros(0, np.int64)
             _, coords, (ring_offsets, geom_offsets) = shapely.to_ragged_array(polys[keep])
-        n = int(keep.sum())
-        try:
-            classification = [self._classification[c] for c in table.class_id[keep].tolist()]
-        except KeyError as err:
+        class_id = table.class_id[keep]
+        unknown = ~np.isin(class_id, self._class_ids)
+        if unknown.any():
             raise ValueError(
-                f"GeoJSON output {self.path}: nucleus class id {err.args[0]} is not among the writer's classes"
-            ) from None
+                f"GeoJSON output {self.path}: nucleus class id {int(class_id[unknown][0])} is not among the "
+                "writer's classes"
+            )
         names = ["label_id"] + [k for k in table.measurements if k != "label_id"]
         columns = [label_id[keep]] + [table.measurements[k][keep] for k in names[1:]]
-        return list(
-            map(
-                self._feature_format,
-                _uuid_texts(self._rng, n),
-                _polygon_texts(coords, ring_offsets, geom_offsets),
-                classification,
-                _measurement_texts(names, columns),
-            )
+        values = np.stack([np.asarray(c, np.float64) for c in columns], axis=1)
+        decimals = np.array([_decimals(name, c) for name, c in zip(names, columns)], np.int64)
+        prefixes = [("," if k else "") + json.dumps(name) + ":" for k, name in enumerate(names)]
+        text, offsets = pieces([*self._template, *prefixes, *self._classification.values()])
+        return feature_texts(
+            _uuid_bytes(self._rng, int(keep.sum())), np.ascontiguousarray(coords, np.float64),
+            np.ascontiguousarray(ring_offsets, np.int64), np.ascontiguousarray(geom_offsets, np.int64),
+            np.searchsorted(self._class_ids, class_id).astype(np.int64), values,
+            decimals, text, offsets, self.object_type == "cell",
         )
 
 
-def _feature_template(object_type: str) -> str:
-    """str.format template: {0} uuid, {1} polygon rings text, {2} classification member, {3} measurements."""
-    geometry = '"geometry":{{"type":"Polygon","coordinates":[{1}]}}'
-    nucleus = ',"nucleusGeometry"' + geometry[len('"geometry"') :] if object_type == "cell" else ""
-    props = '"properties":{{"objectType":"' + object_type + '"{2},"measurements":{{{3}}}}}'
-    return '{{"type":"Feature","id":"{0}",' + geometry + nucleus + "," + props + "}}"
+def _decimals(name: str, column: np.ndarray) -> int:
+    """Decimals a measurement column is written with: about 6 significant digits of its largest
+    value (0 for integer columns).  Raises ValueError when its values are too large."""
+    values = np.asarray(column, np.float64)
+    top = float(np.abs(values).max()) if len(values) else 0.0
+    if np.issubdtype(np.asarray(column).dtype, np.integer):
+        decimals = 0
+    else:
+        decimals = int(np.clip(5 - np.floor(np.log10(top)), 0, 8)) if top > 0 else 0
+    if top * 10.0**decimals >= 2**62:
+        raise ValueError(f"measurement {name!r} has values too large for GeoJSON output ({top:g})")
+    return decimals
 
 
-# -- vectorised number formatting ---------------------------------------------------------
-def _fixed_point_chars(values: np.ndarray, decimals: int) -> tuple[np.ndarray, np.ndarray]:
-    """ASCII text of `values` rounded to `decimals` decimals, trailing zeros dropped.
-
-    Returns (chars, mask), both (n, width): row i's text is ``chars[i][mask[i]]``.
-    Rounding is numpy's (rint(x * 10**d)), so the text parses back to exactly
-    ``np.round(x, d)``; -0 prints as 0.  |x| * 10**d must stay below 2**62.
-    """
-    scale = 10**decimals
-    v = np.rint(np.asarray(values, np.float64) * scale)
-    big = len(v) > 0 and float(np.abs(v).max()) >= 2**31 - 1
-    v = v.astype(np.int64 if big else np.int32)
-    n = len(v)
-    rem = np.abs(v)
-    ndig = len(str(int(rem.max()) // scale)) if n else 1
-    width = 1 + ndig + (1 + decimals if decimals else 0)
-    chars = np.empty((n, width), np.uint8)
-    mask = np.empty((n, width), bool)
-    col = width - 1
-    if decimals:
-        trailing = np.ones(n, bool)
-        for _ in range(decimals):
-            rem, digit = np.divmod(rem, 10)
-            chars[:, col] = digit
-            trailing &= digit == 0
-            mask[:, col] = ~trailing
-            col -= 1
-        chars[:, col] = ord(".") - ord("0") + 256  # wraps to "." when "0" is added below
-        mask[:, col] = ~trailing
-        col -= 1
-    for k in range(ndig):
-        mask[:, col] = (rem > 0) if k else True
-        rem, chars[:, col] = np.divmod(rem, 10)
-        col -= 1
-    chars += 48
-    chars[:, 0] = ord("-")
-    mask[:, 0] = v < 0
-    return chars, mask
+def _feature_pieces(object_type: str) -> tuple[str, ...]:
+    """The constant texts of a Feature, in `geojson_text.feature_texts`' order: its head (the
+    id's text follows), geometry head, geometry tail, nucleusGeometry head, properties head
+    (its classification member follows), measurements head, Feature tail, separator."""
+    return (
+        '{"type":"Feature","id":"',
+        '","geometry":{"type":"Polygon","coordinates":[',
+        "]}",
+        ',"nucleusGeometry":{"type":"Polygon","coordinates":[',
+        ',"properties":{"objectType":"' + object_type + '"',
+        ',"measurements":{',
+        "}}}",
+        ",\n",
+    )
 
 
-def _split_text(chars: np.ndarray, mask: np.ndarray, row_ends: np.ndarray) -> list[str]:
-    """Concatenate the masked rows and cut the text after each row index in `row_ends` (exclusive)."""
-    text = chars[mask].tobytes().decode("ascii")
-    ends = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])[row_ends].tolist()
-    return [text[a:b] for a, b in zip([0] + ends[:-1], ends)]
-
-
-def _const(text: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.frombuffer(text.encode(), np.uint8)
-    return np.broadcast_to(raw, (n, len(raw))), np.ones((n, len(raw)), bool)
-
-
-def _polygon_texts(coords: np.ndarray, ring_offsets: np.ndarray, geom_offsets: np.ndarray) -> list[str]:
-    """Per polygon, the text inside its "coordinates":[...]: ``[[x,y],...],[[x,y],...]`` (2 decimals)."""
-    m = len(coords)
-    pair_ring = np.repeat(np.arange(len(ring_offsets) - 1), np.diff(ring_offsets))
-    ring_starts = np.zeros(m, bool)
-    ring_starts[ring_offsets[:-1]] = True
-    ring_ends = np.zeros(m, bool)
-    ring_ends[ring_offsets[1:] - 1] = True
-    last_ring = np.zeros(len(ring_offsets) - 1, bool)
-    last_ring[geom_offsets[1:] - 1] = True
-    x_chars, x_mask = _fixed_point_chars(coords[:, 0], 2)
-    y_chars, y_mask = _fixed_point_chars(coords[:, 1], 2)
-    open_c, open_m = _const("[[", m)
-    open_m = open_m.copy()
-    open_m[:, 0] = ring_starts
-    comma_c, comma_m = _const(",", m)
-    close_c, close_m = _const("]],", m)  # pair close, then "," within a ring or "]" at its end
-    close_c = close_c.copy()
-    close_c[:, 1] = np.where(ring_ends, ord("]"), ord(","))
-    close_m = close_m.copy()
-    close_m[:, 2] = ring_ends & ~last_ring[pair_ring]  # "," between the rings of one polygon
-    chars = np.hstack([open_c, x_chars, comma_c, y_chars, close_c])
-    mask = np.hstack([open_m, x_mask, comma_m, y_mask, close_m])
-    return _split_text(chars, mask, ring_offsets[geom_offsets[1:]])
-
-
-def _measurement_texts(names: Sequence[str], columns: Sequence[np.ndarray]) -> list[str]:
-    """Per row, ``"name":value,...`` with about 6 significant digits (integers for int columns)."""
-    n = len(columns[0])
-    parts_c, parts_m = [], []
-    for k, (name, col) in enumerate(zip(names, columns)):
-        c, m = _const(("," if k else "") + json.dumps(name) + ":", n)
-        parts_c.append(c)
-        parts_m.append(m)
-        values = np.asarray(col, np.float64)
-        top = float(np.abs(values).max()) if n else 0.0
-        if np.issubdtype(np.asarray(col).dtype, np.integer):
-            decimals = 0
-        else:
-            decimals = int(np.clip(5 - np.floor(np.log10(top)), 0, 8)) if top > 0 else 0
-        if top * 10.0**decimals >= 2**62:
-            raise ValueError(f"measurement {name!r} has values too large for GeoJSON output ({top:g})")
-        c, m = _fixed_point_chars(values, decimals)
-        parts_c.append(c)
-        parts_m.append(m)
-    return _split_text(np.hstack(parts_c), np.hstack(parts_m), np.arange(1, n + 1))
-
-
-def _uuid_texts(rng: np.random.Generator, n: int) -> list[str]:
-    """n random version-4 UUID strings drawn from `rng`."""
+def _uuid_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 16) uint8 bytes of n random version-4 UUIDs drawn from `rng`."""
     raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
-    hexdigits = np.frombuffer(b"0123456789abcdef", np.uint8)
-    nibbles = np.stack([raw >> 4, raw & 0x0F], axis=-1).reshape(n, 32)
-    text = np.insert(hexdigits[nibbles], [8, 12, 16, 20], ord("-"), axis=1)
-    flat = text.tobytes().decode("ascii")
-    return [flat[i : i + 36] for i in range(0, 36 * n, 36)]
+    return raw
 
 
 # -- validation -------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Compiled text of a batch of GeoJSON Features (`wsiseg.writers.geojson.GeoJSONWriter`).
+
+One call writes every Feature of a batch into one byte buffer: no per-feature Python
+strings.  Numbers are fixed-point: a value v with d decimals is written as the integer
+rint(v * 10**d) with the point put back, trailing zeros after the point dropped, no
+point when nothing is left after it, and no sign on zero (so the text parses back to
+exactly ``np.round(v, d) + 0.0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from wsiseg.compiled import compiled
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def pieces(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 texts as one uint8 array and (k + 1,) int64 offsets."""
+    raw = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(raw) + 1, np.int64)
+    np.cumsum([len(r) for r in raw], out=offsets[1:])
+    return np.frombuffer(b"".join(raw), np.uint8).copy(), offsets
+
+
+@compiled
+def _put(buf: np.ndarray, used: int, src: np.ndarray, a: int, b: int) -> tuple[np.ndarray, int]:
+    """Append src[a:b] to buf at `used` (growing it); returns (buf, used)."""
+    n = b - a
+    if used + n > buf.shape[0]:
+        grown = np.empty(max(2 * buf.shape[0], used + n), np.uint8)
+        grown[:used] = buf[:used]
+        buf = grown
+    buf[used : used + n] = src[a:b]
+    return buf, used + n
+
+
+@compiled
+def _put_number(buf: np.ndarray, used: int, value: float, decimals: int, scratch: np.ndarray) -> tuple[np.ndarray, int]:
+    """Append the fixed-point text of `value` with `decimals` decimals."""
+    v = np.int64(np.rint(value * float(10**decimals)))
+    n = 0
+    a = -v if v < 0 else v
+    # digits from the last: decimals (trailing zeros skipped), then the integer part
+    frac = True
+    for _ in range(decimals):
+        digit = a % 10
+        a //= 10
+        if frac and digit == 0:
+            continue
+        frac = False
+        scratch[n] = 48 + digit
+        n += 1
+    if n:
+        scratch[n] = 46  # "."
+        n += 1
+    while True:
+        scratch[n] = 48 + a % 10
+        n += 1
+        a //= 10
+        if a == 0:
+            break
+    if v < 0:
+        scratch[n] = 45  # "-"
+        n += 1
+    if used + n > buf.shape[0]:
+        grown = np.empty(max(2 * buf.shape[0], used + n), np.uint8)
+        grown[:used] = buf[:used]
+        buf = grown
+    for i in range(n):
+        buf[used + i] = scratch[n - 1 - i]
+    return buf, used + n
+
+
+@compiled
+def feature_texts(
+    uuid_raw: np.ndarray,
+    coords: np.ndarray,
+    ring_offsets: np.ndarray,
+    geom_offsets: np.ndarray,
+    class_index: np.ndarray,
+    values: np.ndarray,
+    decimals: np.ndarray,
+    text: np.ndarray,
+    text_offsets: np.ndarray,
+    nucleus_geometry: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Features of a batch, each followed by ",\\n" but the last.
+
+    uuid_raw: (n, 16) uint8 UUID bytes.  coords: (m, 2) float64 written with 2 decimals;
+    ring_offsets / geom_offsets: GeoArrow offsets of the n polygons.  class_index: (n,)
+    index of each feature's classification member text.  values: (n, c) float64
+    measurements written with decimals[k] decimals.  text / text_offsets (`pieces`): the
+    constant texts, in order: feature head, geometry head, geometry tail, nucleus geometry
+    head, properties head, measurements head, feature tail, separator, c measurement
+    prefixes, then the classification members.
+    Returns (buffer, ends): the text, and (n,) int64 end of each feature in it.
+    """
+    n = uuid_raw.shape[0]
+    buf = np.empty(max(1024, 600 * n), np.uint8)
+    ends = np.empty(n, np.int64)
+    scratch = np.empty(32, np.uint8)
+    hexdig = np.empty(36, np.uint8)
+    hx = _HEX
+    used = 0
+    n_meas = values.shape[1]
+    for f in range(n):
+        buf, used = _put(buf, used, text, text_offsets[0], text_offsets[1])
+        k = 0
+        for b in range(16):
+            if b == 4 or b == 6 or b == 8 or b == 10:
+                hexdig[k] = 45  # "-"
+                k += 1
+            hexdig[k] = hx[uuid_raw[f, b] >> 4]
+            hexdig[k + 1] = hx[uuid_raw[f, b] & 15]
+            k += 2
+        buf, used = _put(buf, used, hexdig, 0, 36)
+        for copy in range(2 if nucleus_geometry else 1):
+            head = 1 if copy == 0 else 3
+            buf, used = _put(buf, used, text, text_offsets[head], text_offsets[head + 1])
+            for r in range(geom_offsets[f], geom_offsets[f + 1]):
+                if r > geom_offsets[f]:
+                    scratch[0] = 44  # ","
+                    buf, used = _put(buf, used, scratch, 0, 1)
+                scratch[0] = 91  # "["
+                buf, used = _put(buf, used, scratch, 0, 1)
+                for p in range(ring_offsets[r], ring_offsets[r + 1]):
+                    if p > ring_offsets[r]:
+                        scratch[0] = 44
+                        buf, used = _put(buf, used, scratch, 0, 1)
+                    scratch[0] = 91
+                    buf, used = _put(buf, used, scratch, 0, 1)
+                    buf, used = _put_number(buf, used, coords[p, 0], 2, scratch)
+                    scratch[0] = 44
+                    buf, used = _put(buf, used, scratch, 0, 1)
+                    buf, used = _put_number(buf, used, coords[p, 1], 2, scratch)
+                    scratch[0] = 93  # "]"
+                    buf, used = _put(buf, used, scratch, 0, 1)
+                scratch[0] = 93
+                buf, used = _put(buf, used, scratch, 0, 1)
+            buf, used = _put(buf, used, text, text_offsets[2], text_offsets[3])
+        buf, used = _put(buf, used, text, text_offsets[4], text_offsets[5])
+        c = 8 + n_meas + class_index[f]
+        buf, used = _put(buf, used, text, text_offsets[c], text_offsets[c + 1])
+        buf, used = _put(buf, used, text, text_offsets[5], text_offsets[6])
+        for m in range(n_meas):
+            buf, used = _put(buf, used, text, text_offsets[8 + m], text_offsets[9 + m])
+            buf, used = _put_number(buf, used, values[f, m], decimals[m], scratch)
+        buf, used = _put(buf, used, text, text_offsets[6], text_offsets[7])
+        ends[f] = used
+        if f + 1 < n:
+            buf, used = _put(buf, used, text, text_offsets[7], text_offsets[8])
+    return buf[:used], ends
