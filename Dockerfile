@@ -15,9 +15,11 @@ ENV WSISEG_TORCH="torch==2.13.0+cpu" \
 # One of the two stages above (both pinned); hadolint cannot see through the variable.
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
+# NUMBA_CACHE_DIR: wsiseg's compiled kernels, built into the image (below) so runs load them
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
-    PATH=/opt/wsiseg/bin:$PATH
+    PATH=/opt/wsiseg/bin:$PATH \
+    NUMBA_CACHE_DIR=/opt/wsiseg/numba-cache
 
 # The base image's tag pins the Ubuntu release; its archive keeps only the current package versions.
 # hadolint ignore=DL3008
@@ -32,11 +34,13 @@ RUN --mount=type=bind,source=.,target=/src,rw \
     python3 -m venv /opt/wsiseg \
     && pip install --no-cache-dir --index-url "$WSISEG_TORCH_INDEX" "$WSISEG_TORCH" \
     && pip install --no-cache-dir /src \
-    && wsiseg --version
+    && wsiseg --version \
+    && python -c "from wsiseg.compiled import warm_up; warm_up()"
 
 RUN useradd --create-home --uid 10001 wsiseg \
     && mkdir -p /slides /results \
-    && chown 10001:10001 /results
+    && chown 10001:10001 /results \
+    && chown -R 10001:10001 /opt/wsiseg/numba-cache
 USER 10001:10001
 WORKDIR /results
 VOLUME ["/slides", "/results"]
