@@ -232,7 +232,7 @@ def _run(
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
     # task time; post_cpu, write_cpu: CPU time of the stitching threads and of streaming the
     # nuclei to the writers (waits for other threads left out); write_wall: the latter's wall time
-    work: dict[str, float] = {"read": 0.0, "model": 0.0, "post": 0.0, "post_cpu": 0.0, "write_cpu": 0.0, "write_wall": 0.0}
+    work = dict.fromkeys(("read", "model", "post", "post_cpu", "write_cpu", "write_wall"), 0.0)
     t_start = time.perf_counter()
     started = time.time()  # partial outputs older than this are a killed run's
 

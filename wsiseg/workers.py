@@ -51,7 +51,7 @@ class ModelSpec:
         return WORKER_CACHE[key]
 
 
-def _warm_stitching() -> None:
+def _warm_kernels() -> None:
     try:
         from wsiseg.compiled import warm_up
 
@@ -64,7 +64,7 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.models import load_prompter, load_segmentor
 
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
-    threading.Thread(target=_warm_stitching, name="wsiseg-warm-up", daemon=True).start()
+    threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
 
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
     prompter_name = spec.prompter or spec.model
