@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -240,6 +241,10 @@ def _run(
     reader = GuardedReader(open_slide(slide_path, mpp=config.mpp), config.on_bad_tile)
     props = reader.properties
     slide_mpp = float(np.mean(require_mpp(props, slide_path)))
+    # tissue detection (it reads only the thumbnail) runs in a thread while the models load
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-tissue")
+    tissue_job = pool.submit(_timed_tissue, reader, config, slide_mpp)
+    pool.shutdown(wait=False)  # the thread ends with the job
     model_spec, prompter, segmentor = load_run_models(config)
     classes = _classes(prompter)
     tile_px = _tile_size(config, segmentor)
@@ -257,14 +262,13 @@ def _run(
     map_store: Path | None = None
     if config.prompts_file is None and shares_maps(prompter, segmentor):
         map_store = checkpoint.folder / "maps.zarr"
-    tissue = None  # detected by the prompter stage; a resumed run detects it again for the report
     resumed = saved is not None and (map_store is None or map_store.exists())
     if resumed:
         points, counts = saved
         log.info("%s: resuming from %s", slide_path.name, checkpoint.folder)
     else:
-        points, counts, tissue = _global_prompts(
-            config, reader, props, scaled, prompter, classes, slide_mpp, tile_px, slide_spec, model_spec,
+        points, counts = _global_prompts(
+            config, tissue_job, reader, props, scaled, prompter, classes, tile_px, slide_spec, model_spec,
             runner, progress, timings, work, map_store,
         )
         checkpoint.save_prompts(points, counts)
@@ -324,7 +328,7 @@ def _run(
             w.abort()
         raise
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
-    _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path), tissue)
+    _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path), tissue_job)
     checkpoint.clear()
     remove_partial_outputs(
         {p for fmt in GEOJSON_FORMATS for p in output_paths(name, out_dir, replace(config, geojson_format=fmt))},
@@ -341,18 +345,17 @@ def _run(
 
 
 def _global_prompts(
-    config: RunConfig, reader: Any, props: Any, scaled: Any, prompter: Prompter | None,
-    classes: Sequence[NucleusClass], slide_mpp: float, tile_px: int, slide_spec: SlideSpec,
+    config: RunConfig, tissue_job: Future[tuple[Any, float]], reader: Any, props: Any, scaled: Any,
+    prompter: Prompter | None,
+    classes: Sequence[NucleusClass], tile_px: int, slide_spec: SlideSpec,
     model_spec: ModelSpec, runner: Runner, progress: ProgressFn, timings: dict[str, float], work: dict[str, float],
     map_store: Path | None = None,
-) -> tuple[PointSet, dict[str, Any], Any]:
-    """Tissue, prompter tiles and point NMS: the slide's one global prompt set (working frame),
-    counts (with the damaged tiles read as background, as dicts under BAD_TILES_KEY) and the
-    slide's tissue (`wsiseg.tissue` region)."""
+) -> tuple[PointSet, dict[str, Any]]:
+    """Prompter tiles in the tissue (`tissue_job`: `_timed_tissue`'s) and point NMS: the slide's
+    one global prompt set (working frame) and counts (with the damaged tiles read as background,
+    as dicts under BAD_TILES_KEY)."""
     width, height = scaled.size_px
-    t = time.perf_counter()
-    tissue = _tissue(reader, config, slide_mpp)
-    timings["tissue"] = time.perf_counter() - t
+    tissue, timings["tissue"] = tissue_job.result()
     if tissue.is_empty and config.prompts_file is None:
         from wsiseg.tissue import no_tissue_advice
 
@@ -413,7 +416,7 @@ def _global_prompts(
     unreadable.extend(b.as_dict() for b in reader.take_bad_tiles())  # the tissue thumbnail's (and in-process reads')
     counts = {"prompter_tiles": n_prompter_tiles, "points_found": n_found, "points_raw": n_raw,
               BAD_TILES_KEY: unique_bad_tiles(unreadable)}
-    return points, counts, tissue
+    return points, counts
 
 
 def _segmentor_results(
@@ -525,6 +528,12 @@ def prompter_overlap(config: RunConfig, prompter: Prompter, tile_px: int) -> int
     return overlap + overlap % 2
 
 
+def _timed_tissue(reader: Any, config: RunConfig, slide_mpp: float) -> tuple[Any, float]:
+    """`_tissue` and the seconds it took."""
+    t = time.perf_counter()
+    return _tissue(reader, config, slide_mpp), time.perf_counter() - t
+
+
 def _tissue(reader: Any, config: RunConfig, slide_mpp: float) -> Any:
     from wsiseg.tissue import tissue_for_slide
 
@@ -574,16 +583,16 @@ def _open_writers(
 
 def _write_reports(
     report: dict[str, Any], reader: Any, config: RunConfig, slide_mpp: float, paths: tuple[Path, Path, Path, Path],
-    run_tissue: Any = None,
+    tissue_job: Future[tuple[Any, float]],
 ) -> None:
     """The report JSON (tissue area, command line, models, outputs added) and its HTML page; paths as
-    `output_paths`; run_tissue: the region the run used (None after a resume: detected again)."""
+    `output_paths`; tissue_job: the run's tissue detection (`_timed_tissue`)."""
     from wsiseg.writers.report import ReportSlide, record_run, write_report, write_report_html
     from wsiseg.writers.zarr_store import open_nuclei
 
     tissue = None
-    try:  # a resumed run skipped detection: the same thumbnail gives the same region again
-        tissue = (run_tissue if run_tissue is not None else _tissue(reader, config, slide_mpp)).polygons_l0
+    try:  # a resumed run detects it too: the same thumbnail gives the same region again
+        tissue = tissue_job.result()[0].polygons_l0
     except Exception as exc:  # noqa: BLE001 - the report goes without a tissue area then
         log.warning("%s: tissue area for the report not measured: %s", paths[2].name, exc)
     outputs = dict(zip(("geojson", "zarr", "report_json", "report_html"), paths))
