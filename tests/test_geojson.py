@@ -205,7 +205,8 @@ def test_bad_arguments_are_refused_with_a_clear_message(tmp_path: Path) -> None:
 def _number_texts(values: np.ndarray, decimals: int) -> list[str]:
     scratch, out = np.empty(32, np.uint8), []
     for v in values:
-        buf, used = _put_number(np.empty(4, np.uint8), 0, float(v), decimals, scratch)
+        buf = np.empty(32, np.uint8)
+        used = _put_number(buf, 0, float(v), decimals, scratch)
         out.append(bytes(buf[:used]).decode())
     return out
 

@@ -77,7 +77,7 @@ def test_outline_moments_hull_and_mean_equal_opencv_and_shapely_bit_for_bit() ->
         got = kernels._moments(ring, k)
         mo = cv2.moments(expected.astype(np.float32))
         assert got == (mo["m00"], mo["mu20"], mo["mu11"], mo["mu02"])
-        hull = kernels._hull_area(ring, k, np.empty(len(ring), np.int64), np.empty((2 * len(ring) + 2, 2), np.int64))
+        hull = kernels._hull_area(ring, k, np.empty(2 * len(ring) + 2, np.int64))
         assert hull == shapely.convex_hull(shapely.Polygon(expected)).area
         # the density mean: a double sum in raster order times 1 / count, as cv2.mean
         od = (rng.random((h, w)) * 3).astype(np.float32)

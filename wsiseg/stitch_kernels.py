@@ -221,32 +221,45 @@ def _trace(labels: np.ndarray, part: int, h: int, w: int, sx: int, sy: int, out:
 
 
 @_compiled
-def _hull_area(ring: np.ndarray, k: int, order: np.ndarray, hull: np.ndarray) -> float:
-    """Area of the convex hull of the integer points ring[:k] (Andrew's monotone chain; the
-    cross products and the shoelace sum are exact in int64)."""
-    key = np.empty(k, np.int64)
-    for i in range(k):
-        key[i] = ring[i, 0] * (1 << 31) + ring[i, 1]
-    order[:k] = np.argsort(key)
-    m = 0
-    for rep in range(2):  # lower hull left to right, then upper hull right to left
-        base = m
-        for t in range(k):
-            i = order[t] if rep == 0 else order[k - 1 - t]
-            px, py = ring[i, 0], ring[i, 1]
-            while m >= base + 2:
-                ax, ay = hull[m - 2, 0], hull[m - 2, 1]
-                bx, by = hull[m - 1, 0], hull[m - 1, 1]
-                if (bx - ax) * (py - ay) - (by - ay) * (px - ax) > 0:
-                    break
-                m -= 1
-            hull[m, 0], hull[m, 1] = px, py
-            m += 1
-        m -= 1  # the last point of each chain starts the other
+def _cross(ring: np.ndarray, a: int, b: int, c: int) -> int:
+    """z of (ring[b] - ring[a]) x (ring[c] - ring[a]): > 0 when a, b, c turn left (exact in int64)."""
+    return (ring[b, 0] - ring[a, 0]) * (ring[c, 1] - ring[a, 1]) - (ring[b, 1] - ring[a, 1]) * (ring[c, 0] - ring[a, 0])
+
+
+@_compiled
+def _hull_area(ring: np.ndarray, k: int, dq: np.ndarray) -> float:
+    """Area of the convex hull of the simple polygon ring[:k] (integer vertices), by Melkman's
+    algorithm (A. Melkman, "On-line construction of the convex hull of a simple polyline",
+    Information Processing Letters 25, 1987): a deque of vertex indices, no sorting.  dq:
+    int64 scratch of at least 2 k + 1.  The cross products and the shoelace sum are exact."""
+    s = 0
+    while s < k and _cross(ring, s, (s + 1) % k, (s + 2) % k) == 0:
+        s += 1  # start where three vertices turn (an outline's corners always do)
+    if s == k:
+        return 0.0
+    i0, i1, i2 = s, (s + 1) % k, (s + 2) % k
+    bot = top = k
+    if _cross(ring, i0, i1, i2) > 0:
+        dq[bot], dq[bot + 1], dq[bot + 2], dq[bot + 3] = i2, i0, i1, i2
+    else:
+        dq[bot], dq[bot + 1], dq[bot + 2], dq[bot + 3] = i2, i1, i0, i2
+    top = bot + 3
+    for t in range(3, k):
+        v = (s + t) % k
+        if _cross(ring, dq[bot], dq[bot + 1], v) > 0 and _cross(ring, dq[top - 1], dq[top], v) > 0:
+            continue  # inside the hull so far
+        while _cross(ring, dq[bot], dq[bot + 1], v) <= 0:
+            bot += 1
+        bot -= 1
+        dq[bot] = v
+        while _cross(ring, dq[top - 1], dq[top], v) <= 0:
+            top -= 1
+        top += 1
+        dq[top] = v
     twice = 0
-    for i in range(m):
-        j = (i + 1) % m
-        twice += hull[i, 0] * hull[j, 1] - hull[j, 0] * hull[i, 1]
+    for i in range(bot, top):
+        p, q = dq[i], dq[i + 1]
+        twice += ring[p, 0] * ring[q, 1] - ring[q, 0] * ring[p, 1]
     return abs(twice) * 0.5
 
 
@@ -313,8 +326,7 @@ def owned_nuclei(
     labels = np.zeros((side, side), np.uint8)
     runs = np.empty((side * (side + 1) // 2 + 2, 6), np.int64)
     ring = np.empty((2 * (side + 1) * (side + 1) + 4, 2), np.int64)
-    order = np.empty(ring.shape[0], np.int64)
-    hull = np.empty((2 * ring.shape[0] + 2, 2), np.int64)
+    dq = np.empty(2 * ring.shape[0] + 2, np.int64)
     used = 0
     kept = 0
     zero = np.float32(0.0)
@@ -358,7 +370,7 @@ def owned_nuclei(
         ends[kept] = used
         values[kept, 0], values[kept, 1], values[kept, 2], values[kept, 3] = m00, mu20, mu11, mu02
         values[kept, 4] = perimeter
-        values[kept, 5] = _hull_area(ring, k, order, hull)
+        values[kept, 5] = _hull_area(ring, k, dq)
         values[kept, 6] = total * (1.0 / count)
         kept += 1
     return rows[:kept], ends[:kept], corners[:used], values[:kept]

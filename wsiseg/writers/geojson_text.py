@@ -27,20 +27,23 @@ def pieces(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @compiled
-def _put(buf: np.ndarray, used: int, src: np.ndarray, a: int, b: int) -> tuple[np.ndarray, int]:
-    """Append src[a:b] to buf at `used` (growing it); returns (buf, used)."""
-    n = b - a
-    if used + n > buf.shape[0]:
-        grown = np.empty(max(2 * buf.shape[0], used + n), np.uint8)
-        grown[:used] = buf[:used]
-        buf = grown
-    buf[used : used + n] = src[a:b]
-    return buf, used + n
+def _put(buf: np.ndarray, used: int, src: np.ndarray, a: int, b: int) -> int:
+    """Copy src[a:b] into buf at `used` (room checked by the caller); returns the new end."""
+    for i in range(b - a):
+        buf[used + i] = src[a + i]
+    return used + b - a
 
 
 @compiled
-def _put_number(buf: np.ndarray, used: int, value: float, decimals: int, scratch: np.ndarray) -> tuple[np.ndarray, int]:
-    """Append the fixed-point text of `value` with `decimals` decimals."""
+def _put_byte(buf: np.ndarray, used: int, byte: int) -> int:
+    buf[used] = byte
+    return used + 1
+
+
+@compiled
+def _put_number(buf: np.ndarray, used: int, value: float, decimals: int, scratch: np.ndarray) -> int:
+    """Write the fixed-point text of `value` with `decimals` decimals at `used` (at most 24
+    bytes; room checked by the caller); returns the new end."""
     v = np.int64(np.rint(value * float(10**decimals)))
     n = 0
     a = -v if v < 0 else v
@@ -66,13 +69,13 @@ def _put_number(buf: np.ndarray, used: int, value: float, decimals: int, scratch
     if v < 0:
         scratch[n] = 45  # "-"
         n += 1
-    if used + n > buf.shape[0]:
-        grown = np.empty(max(2 * buf.shape[0], used + n), np.uint8)
-        grown[:used] = buf[:used]
-        buf = grown
     for i in range(n):
         buf[used + i] = scratch[n - 1 - i]
-    return buf, used + n
+    return used + n
+
+
+#: the longest number text: 19 digits of an int64, a sign and a point
+_NUMBER_BYTES = 24
 
 
 @compiled
@@ -88,7 +91,7 @@ def feature_texts(
     text_offsets: np.ndarray,
     nucleus_geometry: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The Features of a batch, each followed by ",\\n" but the last.
+    """The Features of a batch, each followed by ",\n" but the last.
 
     uuid_raw: (n, 16) uint8 UUID bytes.  coords: (m, 2) float64 written with 2 decimals;
     ring_offsets / geom_offsets: GeoArrow offsets of the n polygons.  class_index: (n,)
@@ -100,57 +103,53 @@ def feature_texts(
     Returns (buffer, ends): the text, and (n,) int64 end of each feature in it.
     """
     n = uuid_raw.shape[0]
+    n_meas = values.shape[1]
     buf = np.empty(max(1024, 600 * n), np.uint8)
     ends = np.empty(n, np.int64)
-    scratch = np.empty(32, np.uint8)
-    hexdig = np.empty(36, np.uint8)
+    scratch = np.empty(_NUMBER_BYTES, np.uint8)
     hx = _HEX
     used = 0
-    n_meas = values.shape[1]
     for f in range(n):
-        buf, used = _put(buf, used, text, text_offsets[0], text_offsets[1])
-        k = 0
+        # room for this feature: every constant text, the id, and each number at its longest
+        n_coords = ring_offsets[geom_offsets[f + 1]] - ring_offsets[geom_offsets[f]]
+        n_rings = geom_offsets[f + 1] - geom_offsets[f]
+        room = text_offsets[-1] + 36 + 2 * (n_coords * (2 * _NUMBER_BYTES + 4) + 3 * n_rings) + n_meas * _NUMBER_BYTES
+        if used + room > buf.shape[0]:
+            grown = np.empty(max(2 * buf.shape[0], used + room), np.uint8)
+            grown[:used] = buf[:used]
+            buf = grown
+        used = _put(buf, used, text, text_offsets[0], text_offsets[1])
         for b in range(16):
             if b == 4 or b == 6 or b == 8 or b == 10:
-                hexdig[k] = 45  # "-"
-                k += 1
-            hexdig[k] = hx[uuid_raw[f, b] >> 4]
-            hexdig[k + 1] = hx[uuid_raw[f, b] & 15]
-            k += 2
-        buf, used = _put(buf, used, hexdig, 0, 36)
+                used = _put_byte(buf, used, 45)  # "-"
+            used = _put_byte(buf, used, hx[uuid_raw[f, b] >> 4])
+            used = _put_byte(buf, used, hx[uuid_raw[f, b] & 15])
         for copy in range(2 if nucleus_geometry else 1):
             head = 1 if copy == 0 else 3
-            buf, used = _put(buf, used, text, text_offsets[head], text_offsets[head + 1])
+            used = _put(buf, used, text, text_offsets[head], text_offsets[head + 1])
             for r in range(geom_offsets[f], geom_offsets[f + 1]):
                 if r > geom_offsets[f]:
-                    scratch[0] = 44  # ","
-                    buf, used = _put(buf, used, scratch, 0, 1)
-                scratch[0] = 91  # "["
-                buf, used = _put(buf, used, scratch, 0, 1)
+                    used = _put_byte(buf, used, 44)  # ","
+                used = _put_byte(buf, used, 91)  # "["
                 for p in range(ring_offsets[r], ring_offsets[r + 1]):
                     if p > ring_offsets[r]:
-                        scratch[0] = 44
-                        buf, used = _put(buf, used, scratch, 0, 1)
-                    scratch[0] = 91
-                    buf, used = _put(buf, used, scratch, 0, 1)
-                    buf, used = _put_number(buf, used, coords[p, 0], 2, scratch)
-                    scratch[0] = 44
-                    buf, used = _put(buf, used, scratch, 0, 1)
-                    buf, used = _put_number(buf, used, coords[p, 1], 2, scratch)
-                    scratch[0] = 93  # "]"
-                    buf, used = _put(buf, used, scratch, 0, 1)
-                scratch[0] = 93
-                buf, used = _put(buf, used, scratch, 0, 1)
-            buf, used = _put(buf, used, text, text_offsets[2], text_offsets[3])
-        buf, used = _put(buf, used, text, text_offsets[4], text_offsets[5])
+                        used = _put_byte(buf, used, 44)
+                    used = _put_byte(buf, used, 91)
+                    used = _put_number(buf, used, coords[p, 0], 2, scratch)
+                    used = _put_byte(buf, used, 44)
+                    used = _put_number(buf, used, coords[p, 1], 2, scratch)
+                    used = _put_byte(buf, used, 93)  # "]"
+                used = _put_byte(buf, used, 93)
+            used = _put(buf, used, text, text_offsets[2], text_offsets[3])
+        used = _put(buf, used, text, text_offsets[4], text_offsets[5])
         c = 8 + n_meas + class_index[f]
-        buf, used = _put(buf, used, text, text_offsets[c], text_offsets[c + 1])
-        buf, used = _put(buf, used, text, text_offsets[5], text_offsets[6])
+        used = _put(buf, used, text, text_offsets[c], text_offsets[c + 1])
+        used = _put(buf, used, text, text_offsets[5], text_offsets[6])
         for m in range(n_meas):
-            buf, used = _put(buf, used, text, text_offsets[8 + m], text_offsets[9 + m])
-            buf, used = _put_number(buf, used, values[f, m], decimals[m], scratch)
-        buf, used = _put(buf, used, text, text_offsets[6], text_offsets[7])
+            used = _put(buf, used, text, text_offsets[8 + m], text_offsets[9 + m])
+            used = _put_number(buf, used, values[f, m], decimals[m], scratch)
+        used = _put(buf, used, text, text_offsets[6], text_offsets[7])
         ends[f] = used
         if f + 1 < n:
-            buf, used = _put(buf, used, text, text_offsets[7], text_offsets[8])
+            used = _put(buf, used, text, text_offsets[7], text_offsets[8])
     return buf[:used], ends
