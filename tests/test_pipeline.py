@@ -236,6 +236,44 @@ def test_resumed_run_equals_uninterrupted_and_recomputes_only_the_rest(
     assert any("resumed an interrupted one" in w for w in said)
 
 
+def test_a_writer_failing_in_its_thread_fails_the_run_leaves_no_outputs_and_keeps_the_checkpoint(
+    small_slide: Any, baseline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsiseg.writers.geojson import GeoJSONWriter
+
+    write = GeoJSONWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self: Any, table: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("No space left on device")
+        write(self, table)
+
+    monkeypatch.setattr(GeoJSONWriter, "write", failing_write)
+    config = _config(batch_tiles=2)
+    with pytest.raises(OSError, match="No space left"):
+        run_slide(small_slide[0], tmp_path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".wsiseg-work"]  # writers aborted: no partial files
+    assert len(list((tmp_path / ".wsiseg-work").rglob("batch-*.npz"))) >= 2  # computed batches were checkpointed
+
+    monkeypatch.setattr(GeoJSONWriter, "write", write)
+    result = run_slide(small_slide[0], tmp_path, config)
+    assert result.report_data["resumed"] is True
+    assert _polygon_set(result.zarr) == _polygon_set(baseline.zarr)
+    assert _geojson_shapes(result.geojson) == _geojson_shapes(baseline.geojson)
+
+
+def _geojson_shapes(path: Path) -> list[str]:
+    """A GeoJSON output's features as sorted JSON texts of their geometry and class (ids are
+    random UUIDs; label ids and the decimals of measurements follow the batches)."""
+    import gzip
+    import json
+
+    features = json.loads(gzip.decompress(path.read_bytes()))["features"]
+    return sorted(json.dumps([f["geometry"], f["properties"]["classification"]], sort_keys=True) for f in features)
+
+
 def test_a_run_detects_tissue_once_and_reports_the_area_it_used(
     small_slide: Any, baseline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -288,21 +290,29 @@ def _run(
     provenance = build_provenance(slide_path, props, slide_mpp, scaled.scale, config, segmentor, prompter, classes)
     writers = _open_writers(geojson_path, zarr_path, config, props, classes, provenance, slide_mpp)
     n_nuclei = n_edge = 0
+    # the writers (and the checkpoint) take each batch in a thread of their own, so the model
+    # never waits for them; at most WRITE_QUEUE batches wait there, in order
+    writing = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-write")
+    pending: deque[Future[None]] = deque()
+    stopping = threading.Event()
     try:
         done = 0
-        for table, tm in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec, map_store):
+        for table, tm, save in _segmentor_results(jobs, config, checkpoint, runner, slide_spec, model_spec, map_store):
             _add(work, tm)
             unreadable.extend(tm.get(BAD_TILES_KEY, ()))
-            tw, cw = time.perf_counter(), time.thread_time()
-            for w in writers:
-                w.write(table)
+            pending.append(writing.submit(_write_batch, writers, table, save, work, stopping))
+            tw = time.perf_counter()
+            while len(pending) > WRITE_QUEUE:
+                pending.popleft().result()
             timings["write"] += time.perf_counter() - tw
-            work["write_wall"] += time.perf_counter() - tw
-            work["write_cpu"] += time.thread_time() - cw
             n_nuclei += len(table)
             n_edge += int(table.touches_edge.sum())
             done += min(config.batch_tiles, n_jobs - done)
             progress("segmentor", done, n_jobs, n_nuclei)
+        tw = time.perf_counter()
+        while pending:
+            pending.popleft().result()
+        timings["write"] += time.perf_counter() - tw
         timings["segmentor"] = time.perf_counter() - t - timings["write"]
         tw = time.perf_counter()
         unreadable = unique_bad_tiles([*unreadable, *(b.as_dict() for b in reader.take_bad_tiles())])
@@ -324,9 +334,14 @@ def _run(
         zarr_writer.close(extra_attributes={"report": report})
         timings["write"] += time.perf_counter() - tw
     except BaseException:
+        # batches already computed are still checkpointed (a resumed run skips them), not written
+        stopping.set()
+        writing.shutdown(wait=True)
         for w in writers:
             w.abort()
         raise
+    finally:
+        writing.shutdown(wait=True)
     report["timings_s"] = {**{k: round(v, 4) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 4)}
     _write_reports(report, reader, config, slide_mpp, (geojson_path, zarr_path, report_path, html_path), tissue_job)
     checkpoint.clear()
@@ -422,17 +437,39 @@ def _global_prompts(
 def _segmentor_results(
     jobs: Iterable[Any], config: RunConfig, checkpoint: SlideCheckpoint, runner: Runner,
     slide_spec: SlideSpec, model_spec: ModelSpec, map_store: Path | None = None,
-) -> Iterator[tuple[NucleusTable, dict[str, float]]]:
-    """Each segmentor batch's nuclei, in order: the checkpointed prefix from disk, the rest
-    computed (and checkpointed before the writers see it)."""
+) -> Iterator[tuple[NucleusTable, dict[str, float], Callable[[], None] | None]]:
+    """Each segmentor batch's (nuclei, task times, save), in order: the checkpointed prefix from
+    disk (save None), then the rest computed, each with `save`, which checkpoints it; the caller
+    calls it before the writers see the batch (`_write_batch`)."""
     batches = _batches(jobs, config.batch_tiles)
     n_saved = checkpoint.saved_batches()
     for index in range(n_saved):
         next(batches, None)
-        yield checkpoint.load_batch(index)
+        yield (*checkpoint.load_batch(index), None)
     for index, (table, times) in enumerate(runner.map_chain(batches, _segmentor_stages(map_store), slide_spec, model_spec), n_saved):
-        checkpoint.save_batch(index, table, times)
-        yield table, times
+        yield table, times, partial(checkpoint.save_batch, index, table, times)
+
+
+#: Segmentor batches that may wait for the writer thread before the model waits for it.
+WRITE_QUEUE = 2
+
+
+def _write_batch(
+    writers: Sequence[Any], table: NucleusTable, save: Callable[[], None] | None, work: dict[str, float],
+    stopping: threading.Event,
+) -> None:
+    """Checkpoint one batch (`save`, when not None) and hand it to every writer, unless the run
+    is `stopping` (failed or interrupted: its writers are aborted); adds the wall and CPU time
+    of it to work["write_wall"] and work["write_cpu"].  Runs in the writer thread."""
+    tw, cw = time.perf_counter(), time.thread_time()
+    if save is not None:
+        save()
+    if stopping.is_set():
+        return
+    for w in writers:
+        w.write(table)
+    work["write_wall"] += time.perf_counter() - tw
+    work["write_cpu"] += time.thread_time() - cw
 
 
 def _decisive(config: RunConfig, model_spec: ModelSpec) -> dict[str, Any]:

@@ -255,7 +255,8 @@ class TissueDetectionConfig:
 
 def _otsu(values: np.ndarray) -> float:
     """Otsu threshold of values in [0, 1] (256 bins)."""
-    hist = np.bincount(np.clip((values * 255).astype(np.int64), 0, 255), minlength=256).astype(np.float64)
+    # clipped before the cast (same bins as after it, truncating toward zero): uint8, not int64
+    hist = np.bincount(np.clip(values * 255, 0, 255).astype(np.uint8), minlength=256).astype(np.float64)
     total = hist.sum()
     if total == 0:
         return 0.0
@@ -308,8 +309,10 @@ def detect_tissue(
     if mpp_l0 is not None and not mpp_l0 > 0:
         raise ValueError(f"mpp_l0 must be > 0 µm per pixel, got {mpp_l0}")
     h, w = rgb.shape[:2]
-    hi = rgb.max(axis=2).astype(np.float32)
-    lo = rgb.min(axis=2).astype(np.float32)
+    # the channel maximum and minimum by elementwise pairs: several times faster than reducing
+    # over the last axis of length 3
+    hi = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float32)
+    lo = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float32)
     value = hi / 255.0
     with np.errstate(divide="ignore", invalid="ignore"):
         saturation = np.where(hi > 0, (hi - lo) / hi, 0.0).astype(np.float32)
