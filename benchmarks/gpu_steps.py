@@ -31,13 +31,13 @@ class Settings:
     size_px: int = 8192
     mpp: float = 0.25
     sam_variant: str = "vit_b"
-    tiny_batch: int = 8  # 512 px tiles per network call
+    tiny_batch: int = 8  # tiles (the model's own size) per network call
     tiny_batches: int = 12
     sam_batch: int = 64  # 256 px tiles per segment_tiles call
     sam_batches: int = 8
     distinct_tiles: int = 64
     batch_tiles: int = 8  # pipeline tiles per task (the CLI's default)
-    tiny_tile_px: int | None = None  # wsiseg-tiny's model-step tile (None: the model's own, 512)
+    tiny_tile_px: int | None = None  # wsiseg-tiny's model-step tile (None: the model's own, 1024)
     tiny_roi_px: int = 8192
     sam_roi_px: int = 4096
     warmup_roi_px: int = 1024  # 0: no warm-up run
@@ -170,7 +170,8 @@ def _model_step(step: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 class TinyNetworks:
     """wsiseg-tiny as the pipeline runs it: the prompter's network and points, then the
-    segmentor's watershed on the same maps (one network pass per 512 px tile at 0.5 µm/px)."""
+    segmentor's watershed on the same maps (one network pass per tile of the model's own size and
+    resolution: 1024 px at 0.25 µm/px)."""
 
     def __init__(self, ctx: StepContext, mode: str, timer: CallTimer) -> None:
         import torch
