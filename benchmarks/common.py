@@ -79,9 +79,9 @@ def pipeline_figures(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
     counts = report["counts"]
     task = report["task_time_s"]
     timings = report["timings_s"]
-    post_write = task.get("post", 0.0) + timings.get("write", 0.0)
     # closing the writers (after the last tile, nothing else running): its wall time is its CPU time
-    closing = max(timings.get("write", 0.0) - task.get("write_wall", 0.0), 0.0)
+    closing = task.get("write_close", 0.0)
+    post_write = task.get("post", 0.0) + task.get("write_wall", 0.0) + closing
     post_write_cpu = task.get("post_cpu", 0.0) + task.get("write_cpu", 0.0) + closing
     return {
         "wall_s": round(wall_s, 3),

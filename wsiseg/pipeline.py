@@ -234,8 +234,10 @@ def _run(
 
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
     # task time; post_cpu, write_cpu: CPU time of the stitching threads and of streaming the
-    # nuclei to the writers (waits for other threads left out); write_wall: the latter's wall time
-    work = dict.fromkeys(("read", "model", "post", "post_cpu", "write_cpu", "write_wall"), 0.0)
+    # nuclei to the writers (waits for other threads left out); write_wall: the latter's wall
+    # time; checkpoint_cpu: CPU time of saving the segmentor batches for a resume; the report
+    # adds write_close, the wall time of closing the writers (after the report is built)
+    work = dict.fromkeys(("read", "model", "post", "post_cpu", "write_cpu", "write_wall", "checkpoint_cpu"), 0.0)
     t_start = time.perf_counter()
     started = time.time()  # partial outputs older than this are a killed run's
 
@@ -330,8 +332,10 @@ def _run(
         report["identity"] = run_identity(slide_path, config)
         report["resumed"] = resumed  # from an interrupted attempt's checkpoints: times cover only this attempt
         geojson_writer, zarr_writer = writers
+        tc = time.perf_counter()
         geojson_writer.close()
         zarr_writer.close(extra_attributes={"report": report})
+        report["task_time_s"]["write_close"] = round(time.perf_counter() - tc, 4)
         timings["write"] += time.perf_counter() - tw
     except BaseException:
         # batches already computed are still checkpointed (a resumed run skips them), not written
@@ -459,13 +463,16 @@ def _write_batch(
     stopping: threading.Event,
 ) -> None:
     """Checkpoint one batch (`save`, when not None) and hand it to every writer, unless the run
-    is `stopping` (failed or interrupted: its writers are aborted); adds the wall and CPU time
-    of it to work["write_wall"] and work["write_cpu"].  Runs in the writer thread."""
-    tw, cw = time.perf_counter(), time.thread_time()
+    is `stopping` (failed or interrupted: its writers are aborted); adds the CPU time of the
+    checkpoint to work["checkpoint_cpu"] and the wall and CPU time of the writing to
+    work["write_wall"] and work["write_cpu"].  Runs in the writer thread."""
     if save is not None:
+        cw = time.thread_time()
         save()
+        work["checkpoint_cpu"] += time.thread_time() - cw
     if stopping.is_set():
         return
+    tw, cw = time.perf_counter(), time.thread_time()
     for w in writers:
         w.write(table)
     work["write_wall"] += time.perf_counter() - tw
