@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from wsiseg.cli.main import main
@@ -82,6 +83,35 @@ def test_rerun_skips_completed_slides_unless_overwrite(svs_slide: Path, tmp_path
     assert (store / "zarr.json").stat().st_mtime_ns == stamp
     redo = CliRunner().invoke(main, [*args, str(roi), "--overwrite"])
     assert redo.exit_code == 0 and "already done" not in redo.output
+
+
+def test_a_rerun_after_an_interrupt_resumes_and_says_so(
+    svs_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    import wsiseg.pipeline as pipeline
+
+    read, segment, stitch = pipeline.SEGMENTOR_STAGES
+    calls = {"n": 0}
+
+    def interrupted_segment(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return segment.fn(*args)
+
+    monkeypatch.setattr(pipeline, "SEGMENTOR_STAGES", (read, replace(segment, fn=interrupted_segment), stitch))
+    args = ["run", str(svs_slide), "-o", str(tmp_path), "--scheduler", "synchronous", "--model", "classical",
+            "--batch-tiles", "1"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code != 0 and "resumed" not in first.output
+    monkeypatch.setattr(pipeline, "SEGMENTOR_STAGES", (read, segment, stitch))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert f"{svs_slide.name}: " in again.output and "(resumed: " in again.output
+    fresh = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "fresh")])
+    assert fresh.exit_code == 0 and "resumed" not in fresh.output
 
 
 def test_prompt_selection_needs_a_probability_prompter(svs_slide: Path, tmp_path: Path) -> None:
