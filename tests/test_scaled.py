@@ -173,3 +173,9 @@ def test_integer_resampling_gives_the_float_paths_bytes_for_dyadic_weights(ratio
         fast = resample_integer(patch, ix, np.rint(wx * kx), iy, np.rint(wy * ky), kx * ky)
         assert np.array_equal(fast, resample_float(patch, ix, wx, iy, wy))
     assert dyadic_denominator(axis_weights(0, 50, 1.5)[1]) is None  # thirds: the float path
+
+
+def test_integer_resampling_refuses_a_denominator_that_is_not_a_power_of_two() -> None:
+    taps = np.zeros((1, 2), np.int64)
+    with pytest.raises(ValueError, match="power of two"):
+        resample_integer(np.zeros((1, 1, 3), np.uint8), taps, np.array([[2, 1]]), taps, np.array([[2, 1]]), 9)

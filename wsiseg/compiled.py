@@ -26,10 +26,13 @@ def warm_up() -> None:
     models."""
     import numpy as np
 
+    from wsiseg.readers.scaled import resample_integer
     from wsiseg.stitching import warm_up as warm_stitching
     from wsiseg.writers.geojson_text import feature_texts, pieces
 
     warm_stitching()
+    taps = np.zeros((1, 2), np.int64)
+    resample_integer(np.zeros((1, 1, 3), np.uint8), taps, np.array([[3, 1]]), taps, np.array([[3, 1]]), 16)
     text, offsets = pieces(["{", "[", "]", "[", "(", "{", "}", ",", '"a":', ""])
     square = np.array([[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]], np.float64)
     feature_texts(

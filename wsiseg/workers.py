@@ -61,7 +61,10 @@ def _warm_kernels() -> None:
 
 
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
+    from wsiseg.allocator import keep_freed_memory
     from wsiseg.models import load_prompter, load_segmentor
+
+    keep_freed_memory()  # tile after tile the same large arrays: reuse them (wsiseg.allocator)
 
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
