@@ -89,7 +89,7 @@ def dyadic_denominator(weight: np.ndarray, limit: int = 64) -> int | None:
 def resample_float(patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray) -> np.ndarray:
     """Separable resampling: (h, w, 3) uint8 from a uint8 patch, with source indices ix (w, T)
     and iy (h, T) into the patch and float32 weights wx, wy (`axis_weights`); rounds half to even."""
-    out = _separable_sums(patch, ix, wx, iy, wy, np.float32)
+    out = _separable_sums(patch, ix, wx, iy, wy)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -141,14 +141,12 @@ def _dyadic_sums(
     return out
 
 
-def _separable_sums(
-    patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray, dtype: type
-) -> np.ndarray:
-    """(h, w, 3) sums of weight x patch pixel, along x (indices ix, weights wx) then y, in dtype."""
-    rows = np.zeros((patch.shape[0], ix.shape[0], 3), dtype)
+def _separable_sums(patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray) -> np.ndarray:
+    """(h, w, 3) float32 sums of weight x patch pixel, along x (indices ix, weights wx) then y."""
+    rows = np.zeros((patch.shape[0], ix.shape[0], 3), np.float32)
     for t in range(ix.shape[1]):
         rows += wx[:, t, None] * patch[:, ix[:, t]]
-    out = np.zeros((iy.shape[0], ix.shape[0], 3), dtype)
+    out = np.zeros((iy.shape[0], ix.shape[0], 3), np.float32)
     for t in range(iy.shape[1]):
         out += wy[:, t, None, None] * rows[iy[:, t]]
     return out
