@@ -12,6 +12,7 @@ import pytest
 import shapely
 from scipy.spatial import cKDTree
 
+from wsiseg.models.bundles import open_bundle
 from wsiseg.models.cache import BUILTIN_BUNDLES, resolve_model
 from wsiseg.pipeline import DEFAULT_MODEL, RunConfig, run_slide
 from wsiseg.scheduling import SchedulerConfig
@@ -89,6 +90,10 @@ def test_min_score_drops_the_prompts_scoring_below_it(synthetic: tuple[Path, Any
     kept = np.asarray(open_nuclei(strict.zarr).table().measurements["score"])
     assert 0 < strict.n_nuclei < default_run.n_nuclei
     assert kept.min() >= threshold - 1e-6
+    # the report names the score each run required: the manifest's threshold, then --min-score's
+    manifest_threshold = open_bundle(resolve_model("wsiseg-tiny")).component("prompter").config["threshold"]
+    assert default_run.report_data["model"]["min_score"] == manifest_threshold
+    assert strict.report_data["model"]["min_score"] == threshold
 
 
 def test_one_network_pass_gives_the_nuclei_of_two_passes(

@@ -55,6 +55,7 @@ def sample_report() -> dict[str, Any]:
             "roi": None, "min_score": None, "on_bad_tile": "skip", "note": "<script>alert(1)</script>",
         },
         "models": [{"role": "model", "name": "wsiseg-tiny", "version": "1.2", "sha256": "ab" * 32}],
+        "model": {"segmentor": "wsiseg-tiny", "prompter": "wsiseg-tiny", "min_score": 0.3},
         "command_line": "wsiseg run case-01.svs -o out",
         "created": "2025-06-01T10:20:30+0200",
         "unreadable_tiles": [],
@@ -280,7 +281,7 @@ def test_page_states_provenance_and_parameters_cleanly(tmp_path: Path, store: Nu
     assert "Command line wsiseg run case-01.svs -o out" in text and "Date 2025-06-01 10:20:30+0200" in text
     assert "wsiseg-tiny 1.2 " + "ab" * 32 in text
     assert "Tile size (px, working resolution) model default (256)" in text
-    assert "Minimum score model default" in text and "Prompter the model's own" in text
+    assert "Minimum score model default (0.3)" in text and "Prompter the model's own" in text
     assert "override" not in text and "Region of interest" not in text  # unset and meaningless: left out
     assert "read as background and listed (skip)" in text
 

@@ -102,6 +102,8 @@ def build_report(
             "prompter": getattr(prompter, "name", None) if prompter else "file",
             "mpp": segmentor.mpp,
             "working_scale": scale,
+            # the score a prompt needed: --min-score, else the prompter's own threshold (None: none)
+            "min_score": config.min_score if config.min_score is not None else getattr(prompter, "min_score", None),
         },
         "counts": {k: v for k, v in counts.items() if k != "workers"},
         "task_time_s": {k: round(v, 4) for k, v in work.items()},

@@ -148,8 +148,13 @@ def models_table(report: Mapping[str, Any]) -> str:
     return f'<table class="grid">{head}{"".join(rows)}</table>'
 
 
-def parameters_table(parameters: Mapping[str, Any], counts: Mapping[str, Any]) -> str:
-    """The run's parameters with readable names; unset ones say what was used instead, or are left out."""
+def parameters_table(
+    parameters: Mapping[str, Any], counts: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> str:
+    """The run's parameters with readable names; unset ones say what was used instead (with the
+    value, where `counts` (tile_px) or `defaults` (e.g. the model's min_score) records it), or are
+    left out."""
+    defaults = defaults or {}
     rows = []
     for key, value in parameters.items():
         label, unset = PARAMETER_LABELS.get(key, (key.replace("_", " "), None))
@@ -159,6 +164,8 @@ def parameters_table(parameters: Mapping[str, Any], counts: Mapping[str, Any]) -
             text = unset
             if key == "tile_size_px" and isinstance(counts.get("tile_px"), int):
                 text = f"{unset} ({counts['tile_px']:,})"
+            elif isinstance(defaults.get(key), (int, float)) and not isinstance(defaults.get(key), bool):
+                text = f"{unset} ({fmt(defaults[key])})"
         elif key == "on_bad_tile":
             text = _BAD_TILE_WORDS.get(str(value), str(value))
         else:

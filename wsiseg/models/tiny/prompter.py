@@ -143,6 +143,11 @@ class TinyPrompter:
     map_channels = N_MAPS
 
     @property
+    def min_score(self) -> float:
+        """The score a point needs to be kept (the manifest's threshold, or --min-score's)."""
+        return float(self.peaks.threshold)
+
+    @property
     def map_key(self) -> str | None:
         """Identifies the maps (network weights and precision); None when unknown."""
         return self.net.map_key
