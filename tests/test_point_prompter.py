@@ -354,3 +354,18 @@ def test_converter_joins_a_segmentor_bundle(tmp_path: Path) -> None:
     assert torch.equal(stored, segmentor_state["mask_decoder.iou_token.weight"])
     with pytest.raises(ValueError, match="mpp"):
         convert_promptnucseg_prompter(pth, tmp_path / "x", name="x", mpp=0.5, segmentor_bundle=seg.path)
+
+
+def test_read_only_tiles_become_the_same_tensor_without_a_warning() -> None:
+    import warnings
+
+    from wsiseg.models.prompters.point import IMAGENET_MEAN, IMAGENET_STD, tiles_to_tensor
+
+    tiles = np.random.default_rng(3).integers(0, 256, (2, 40, 24, 3), dtype=np.uint8)
+    frozen = tiles.copy()
+    frozen.flags.writeable = False  # e.g. an image decoded into read-only memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tiles_to_tensor(frozen, IMAGENET_MEAN, IMAGENET_STD, 16, "cpu")
+    want = tiles_to_tensor(tiles, IMAGENET_MEAN, IMAGENET_STD, 16, "cpu")
+    assert tuple(got.shape) == (2, 3, 48, 32) and torch.equal(got, want)

@@ -93,7 +93,10 @@ def tiles_to_tensor(
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise ValueError(f"tiles must be a (B, H, W, 3) uint8 array, got {tiles.shape} {tiles.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).to(device).permute(0, 3, 1, 2).float()
+    data = np.ascontiguousarray(tiles)
+    if not data.flags.writeable:  # torch.from_numpy warns on read-only memory (nothing here writes it)
+        data = data.copy()
+    x = torch.from_numpy(data).to(device).permute(0, 3, 1, 2).float()
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     x = (x - mean_t) / std_t
