@@ -34,6 +34,8 @@ _HEADERS = {"f1_detection": "f1"}
 @click.option("--prompter", default=None, help="Prompter model to use instead of the bundle's own.")
 @click.option("--tile-size", "tile_size", type=int, default=None, help="Tile size in model px (default: the model's).")
 @click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation for MODEL (not the --compare models): maps averaged over flips.")
 @click.option("--tissue-detection", is_flag=True, help="Detect tissue first (off: dataset images are tissue crops).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--workers", type=int, default=None, help="Local Dask workers (default: CPU cores).")
@@ -77,6 +79,7 @@ def _config(model: str, kw: dict[str, Any]) -> Any:
         tile_size_px=kw["tile_size"],
         overlap_px=kw["overlap"],
         tissue_detection=kw["tissue_detection"],
+        tta=kw["tta"],
         device=kw["device"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"]),
     )
@@ -104,6 +107,8 @@ def _check_models(models: Sequence[str]) -> list[str]:
 
 
 def _evaluate(models: list[str], dataset: Any, config: Any, kw: dict[str, Any], log_path: Path | None) -> int:
+    from dataclasses import replace
+
     from wsiseg.cli.main import _fail, log
     from wsiseg.evaluation import Comparison, evaluate, model_label
 
@@ -112,8 +117,9 @@ def _evaluate(models: list[str], dataset: Any, config: Any, kw: dict[str, Any], 
     name = str(kw["data"])
     split = kw["split"]
     reports = []
-    for model in models:
+    for i, model in enumerate(models):
         label = model_label(model) if len(models) > 1 else None
+        model_config = config if i == 0 else replace(config, tta=False)  # --tta is MODEL's, not --compare's
 
         def progress(image: str, done: int, total: int, label: str = model_label(model)) -> None:
             if not quiet:
@@ -121,7 +127,7 @@ def _evaluate(models: list[str], dataset: Any, config: Any, kw: dict[str, Any], 
 
         try:
             reports.append(evaluate(
-                model, dataset, out_dir=out_dir, config=config, overlays=not kw["no_overlays"], progress=progress,
+                model, dataset, out_dir=out_dir, config=model_config, overlays=not kw["no_overlays"], progress=progress,
                 scheduler=config.scheduler, keep_runs=kw["keep_runs"], label=label, dataset_name=name,
                 split=split, radius_um=kw["radius_um"],
             ))

@@ -161,6 +161,9 @@ def _run_options(f: Any) -> Any:
         click.option("--points-per-tile", type=int, default=None, help="Probability prompters: points per tile."),
         click.option("--min-score", type=float, default=None,
                      help="Drop prompts scoring below this (0-1; default: the model's own threshold)."),
+        click.option("--tta", is_flag=True,
+                     help="Test-time augmentation (wsiseg-tiny-type models): average the network's maps over "
+                     "each tile's flips; about 4x the network's time for slightly better nuclei (docs/models.md)."),
         click.option("--on-bad-tile", "on_bad_tile", type=click.Choice(["fail", "skip"]), default="fail",
                      show_default=True, help="A tile the slide file cannot decode: fail (that slide fails, naming "
                      "the tile) or skip (paint it as background and list it in the report)."),
@@ -198,6 +201,7 @@ def _config(**kw: Any) -> Any:
         prompt_selection=kw["prompt_selection"],
         points_per_tile=kw["points_per_tile"],
         min_score=kw["min_score"],
+        tta=kw["tta"],
         batch_tiles=kw["batch_tiles"],
         on_bad_tile=kw["on_bad_tile"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"], gpus=kw["gpus"],

@@ -121,6 +121,14 @@ def test_prompt_selection_needs_a_probability_prompter(svs_slide: Path, tmp_path
     assert "--prompt-selection" in result.output
 
 
+def test_tta_with_a_model_without_dense_maps_is_a_usage_error(svs_slide: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(tmp_path), "--model", "classical", "--tta",
+                                       "--scheduler", "synchronous"])
+    assert result.exit_code == 2  # refused before any slide is read
+    assert "--tta" in result.output and "'classical'" in result.output
+    assert not list(tmp_path.glob("*.geojson*"))
+
+
 def test_demo_slide_only_writes_a_slide_that_opens_and_runs_nothing(tmp_path: Path) -> None:
     from wsiseg.readers import open_slide
 

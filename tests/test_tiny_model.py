@@ -337,3 +337,48 @@ def test_core_points_equal_scipys_maxima_and_break_ties_by_raster_order_wherever
         flat[2, oy + 2 : oy + 7, ox + 2 : ox + 7] = 1.0
         point = peak_points(flat, settings)
         assert len(point) == 1 and np.array_equal(point.xy[0], [ox + 2.5, oy + 2.5])
+
+
+def test_tta_maps_are_the_mean_of_the_flipped_tiles_maps_flipped_back() -> None:
+    import torch
+
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+    from wsiseg.models.tiny.maps import DenseMapNet, MapSettings
+
+    torch.manual_seed(1)
+    net = UNet(UNetConfig(3, 4, 3)).eval()
+    tiles = np.random.default_rng(1).integers(0, 256, (2, 60, 52, 3), dtype=np.uint8)  # padded to 64 x 56
+    plain = DenseMapNet(net, weights_sha256="ab")
+    tta = DenseMapNet(net, settings=MapSettings(tta=True), weights_sha256="ab")
+    got = tta.predict_maps(tiles)
+    # the oracle: the plain net on each flipped tile, its maps flipped back ((B, H, W, 3) tile
+    # axes 1 and 2 are the (B, 3, H, W) maps' axes 2 and 3)
+    def flipped(axes: tuple[int, ...]) -> np.ndarray:
+        maps = plain.predict_maps(np.ascontiguousarray(np.flip(tiles, axes)))
+        return np.flip(maps, tuple(a + 1 for a in axes))
+
+    want = np.mean([flipped(axes) for axes in ((), (2,), (1,), (1, 2))], axis=0)
+    assert got.shape == (2, 3, 60, 52)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, plain.predict_maps(tiles), atol=1e-3)  # the flips do change the maps
+    assert tta.map_key != plain.map_key  # a map store never mixes the two
+
+
+def test_tta_applies_to_wsiseg_tiny_models_and_is_refused_for_others_with_the_option_named(tmp_path: Path) -> None:
+    from wsiseg.map_store import shares_maps
+    from wsiseg.models import load_prompter, load_segmentor, takes_tta
+    from wsiseg.pipeline import RunConfig, load_run_models
+
+    _, prompter, segmentor = load_run_models(RunConfig(model="wsiseg-tiny", tta=True))
+    assert segmentor.net.settings.tta and prompter.net.settings.tta  # type: ignore[union-attr]
+    assert shares_maps(prompter, segmentor)  # still one network pass per tile (with its flips)
+    assert takes_tta("wsiseg-tiny", "segmentor") and not takes_tta("classical", "segmentor")
+    with pytest.raises(ValueError, match="--tta .* model 'classical'"):
+        load_segmentor("classical", tta=True)
+    with pytest.raises(ValueError, match="--tta .* model 'classical' has no such prompter"):
+        load_prompter("classical", tta=True)
+    with pytest.raises(ValueError, match="--tta"):
+        load_run_models(RunConfig(model="classical", tta=True))
+    # a tiny segmentor paired with a prompter that has no flips: only the segmentor takes them
+    _, classical_prompter, tiny_segmentor = load_run_models(RunConfig(model="wsiseg-tiny", prompter="classical", tta=True))
+    assert tiny_segmentor.net.settings.tta and not hasattr(classical_prompter, "net")  # type: ignore[union-attr]

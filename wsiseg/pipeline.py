@@ -72,6 +72,8 @@ class RunConfig:
     prompt_selection: str | None = None
     points_per_tile: int | None = None
     min_score: float | None = None
+    #: test-time augmentation: a dense-map model's maps averaged over each tile's flips (4x its network time)
+    tta: bool = False
     batch_tiles: int = 8
     #: a tile the file cannot decode: "fail" (one line naming it) or "skip" (background, listed in the report)
     on_bad_tile: BadTilePolicy = "fail"
@@ -133,7 +135,9 @@ def load_run_models(config: RunConfig) -> tuple[ModelSpec, Prompter | None, Segm
     """The run's models, loaded once per process (cached): call it before any slide so an unknown
     --model, a --device without CUDA or an option the model does not take fails once, up front.
     Raises ValueError (BundleError, ModelNotFoundError) with one line naming the option."""
-    model_spec = ModelSpec(config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config))
+    model_spec = ModelSpec(
+        config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config), config.tta
+    )
     prompter, segmentor = model_spec.load()
     if prompter is None and config.prompts_file is None:
         raise ValueError(

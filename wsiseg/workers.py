@@ -43,6 +43,8 @@ class ModelSpec:
     device: str
     k_negatives: int | None
     prompter_options: tuple[tuple[str, Any], ...] = ()
+    #: test-time augmentation (--tta): for the segmentor, and for the prompter where it takes it
+    tta: bool = False
 
     def load(self) -> tuple[Prompter | None, Segmentor]:
         key = ("models", self)
@@ -62,18 +64,21 @@ def _warm_kernels() -> None:
 
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.allocator import keep_freed_memory
-    from wsiseg.models import load_prompter, load_segmentor
+    from wsiseg.models import load_prompter, load_segmentor, takes_tta
 
     keep_freed_memory()  # tile after tile the same large arrays: reuse them (wsiseg.allocator)
 
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
 
-    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives)
+    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta)
     prompter_name = spec.prompter or spec.model
     if spec.prompter is None and not _has_prompter(spec.model):
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
-    prompter = load_prompter(prompter_name, device=spec.device, **dict(spec.prompter_options))
+    options = dict(spec.prompter_options)
+    if spec.tta and takes_tta(prompter_name, "prompter"):
+        options["tta"] = True
+    prompter = load_prompter(prompter_name, device=spec.device, **options)
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
         from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor
 

@@ -67,6 +67,7 @@ __all__ = [
     "open_bundle",
     "pull",
     "resolve_model",
+    "takes_tta",
     "verify_bundle",
     "write_bundle",
 ]
@@ -83,6 +84,28 @@ PROMPTER_BUILDERS: dict[str, tuple[str, str]] = {
     "tiny_prompter": ("wsiseg.models.tiny", "TinyPrompter"),
 }
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")
+#: architectures that take tta=True (test-time augmentation: dense maps averaged over flips)
+TTA_ARCHITECTURES = ("tiny_segmentor", "tiny_prompter")
+
+
+def takes_tta(path_or_name: str | os.PathLike[str], role: str) -> bool:
+    """Whether the model's `role` ("segmentor" or "prompter") component takes tta=True."""
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    target = resolve_model(path_or_name)
+    if target == "classical" or target.is_file() and target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        return False
+    bundle = open_bundle(target)
+    return bundle.has(role) and bundle.component(role).architecture in TTA_ARCHITECTURES
+
+
+def _require_tta(name: str | os.PathLike[str], target: Any, role: str) -> None:
+    if not takes_tta(target, role):
+        raise ValueError(
+            f"--tta averages the dense maps of a wsiseg-tiny-type network over flips; model {str(name)!r} "
+            f"has no such {role}: run it without --tta"
+        )
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)
@@ -99,17 +122,21 @@ def load_segmentor(
     input_size: int | None = None,
     device: str = "cpu",
     k_negatives: int | None = None,
+    tta: bool = False,
 ) -> Segmentor:
     """The segmentor of a bundle (folder, .zip or cached name), of "classical", or of a raw
     SAM .pth checkpoint (official or PromptNucSeg).
 
     input_size: tile px the model runs at (None: the bundle's); k_negatives: negatives per
-    prompt (None: the bundle's); device: "cpu", "cuda" or "auto" (ignored by "classical").
+    prompt (None: the bundle's); device: "cpu", "cuda" or "auto" (ignored by "classical");
+    tta: test-time augmentation, for the architectures in `TTA_ARCHITECTURES` (ValueError for others).
     """
     from wsiseg.models.bundles import open_bundle
     from wsiseg.models.cache import resolve_model
 
     target = resolve_model(path_or_name)
+    if tta:  # only a bundle's tiny segmentor takes it: the branches below for others are not reached
+        _require_tta(path_or_name, target, "segmentor")
     if target == "classical":
         from wsiseg.models.classical import ClassicalSegmentor
 
@@ -121,19 +148,25 @@ def load_segmentor(
         return SamSegmentor.from_checkpoint(target, device=device, **options)  # type: ignore[no-any-return]
     bundle = open_bundle(target)
     cls = _builder(SEGMENTOR_BUILDERS, bundle.component("segmentor").architecture)
-    return cls.from_bundle(bundle, input_size=input_size, device=device, k_negatives=k_negatives)  # type: ignore[no-any-return]
+    extra = {"tta": True} if tta else {}
+    return cls.from_bundle(  # type: ignore[no-any-return]
+        bundle, input_size=input_size, device=device, k_negatives=k_negatives, **extra
+    )
 
 
 def load_prompter(path_or_name: str | os.PathLike[str], *, device: str = "cpu", **options: Any) -> Prompter:
     """The prompter of a bundle (folder, .zip or cached name) or of "classical".
 
-    options: passed to the model's builder (e.g. selection= for "unet_prompter"; the
-    ClassicalPrompter's parameters for "classical").
+    options: passed to the model's builder (e.g. selection= for "unet_prompter", tta=True for
+    the architectures in `TTA_ARCHITECTURES` (ValueError for others); the ClassicalPrompter's
+    parameters for "classical").
     """
     from wsiseg.models.bundles import BundleError, open_bundle
     from wsiseg.models.cache import resolve_model
 
     target = resolve_model(path_or_name)
+    if options.get("tta"):
+        _require_tta(path_or_name, target, "prompter")
     if target == "classical":
         from wsiseg.models.classical import ClassicalPrompter
 

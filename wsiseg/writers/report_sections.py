@@ -48,6 +48,7 @@ PARAMETER_LABELS: dict[str, tuple[str, str | None]] = {
     "prompt_selection": ("Prompt selection", "model default"),
     "points_per_tile": ("Points per tile", "model default"),
     "min_score": ("Minimum score", "model default"),
+    "tta": ("Test-time augmentation (maps averaged over flips)", None),
     "batch_tiles": ("Tiles per batch", None),
     "on_bad_tile": ("Tiles the file cannot decode", None),
 }

@@ -37,10 +37,12 @@ FOREGROUND, CENTRE, DISTANCE = 0, 1, 2
 class MapSettings:
     """How the network runs: precision "fp32" or "bf16" (autocast; CPUs with bf16 matrix
     units and recent GPUs run it faster); batch: tiles per forward pass, 0 for the device's
-    default (see `DEFAULT_BATCH`)."""
+    default (see `DEFAULT_BATCH`); tta: test-time augmentation, the maps averaged over the
+    tile and its three flips (`TTA_FLIPS`; four network passes)."""
 
     precision: str = "fp32"
     batch: int = 0
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -48,6 +50,10 @@ class MapSettings:
         if self.batch < 0:
             raise ValueError(f"batch must be >= 0 (0: the device's default), got {self.batch}")
 
+
+#: the flips (tensor dims of a (B, C, H, W) batch) whose maps `MapSettings.tta` averages: none,
+#: left-right, up-down, both; each map is flipped back before the mean of the probabilities
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 #: tiles per forward pass when MapSettings.batch is 0: on CPU one 1152² tile at a time ran at
 #: 0.39 s/Mpx against 0.63 s/Mpx for eight (the activations of eight fall out of cache;
@@ -86,11 +92,13 @@ class DenseMapNet:
         self.std = tuple(float(s) for s in std)
         self.settings = settings
         self.multiple = int(network.config.multiple)
-        #: equal for two nets that give the same maps (same weights file, precision); None: unknown
-        self.map_key = f"{weights_sha256}:{settings.precision}:{self.mean}:{self.std}" if weights_sha256 else None
+        #: equal for two nets that give the same maps (same weights file, precision, tta); None: unknown
+        tta = ":tta" if settings.tta else ""
+        self.map_key = f"{weights_sha256}:{settings.precision}:{self.mean}:{self.std}{tta}" if weights_sha256 else None
 
     def predict_maps(self, tiles: np.ndarray) -> np.ndarray:
-        """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance)."""
+        """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance);
+        with `MapSettings.tta`, the mean of the maps of the tile and its flips."""
         import torch
 
         tiles = tile_batches(tiles)
@@ -102,16 +110,28 @@ class DenseMapNet:
             x = tiles_to_tensor(chunk, self.mean, self.std, self.multiple, self.device, min_size_px=self.multiple * 2)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = self.network(x)
-            out[start : start + len(chunk)] = torch.sigmoid(logits[:, :, :height, :width].float()).cpu().numpy()
+                if not self.settings.tta:
+                    logits = self.network(x)
+                    out[start : start + len(chunk)] = torch.sigmoid(logits[:, :, :height, :width].float()).cpu().numpy()
+                    continue
+                total = None
+                for dims in TTA_FLIPS:
+                    seen = x.flip(dims).contiguous(memory_format=torch.channels_last) if dims else x
+                    probability = torch.sigmoid(self.network(seen).float())
+                    probability = probability.flip(dims) if dims else probability
+                    total = probability if total is None else total.add_(probability)
+                assert total is not None
+                mean = total[:, :, :height, :width] / len(TTA_FLIPS)
+                out[start : start + len(chunk)] = mean.cpu().numpy()
         return out
 
     @classmethod
     def from_bundle(
         cls, bundle: Bundle | str | Path, role: str, architecture: str, *, device: str = "cpu",
-        settings: MapSettings | None = None,
+        precision: str | None = None, tta: bool = False,
     ) -> tuple[DenseMapNet, Bundle, Any]:
-        """The network of a bundle's `role` component; returns (net, bundle, component)."""
+        """The network of a bundle's `role` component; returns (net, bundle, component).
+        precision: None for the component's own ("fp32" when it names none); tta: see MapSettings."""
         bundle, component = open_component(bundle, role, architecture)
         where = f"bundle {bundle.path}"
         try:
@@ -120,7 +140,7 @@ class DenseMapNet:
             raise ValueError(f"{where}: invalid {architecture} settings: {exc}") from exc
         load_state(network, bundle.load_weights(role), where=where)
         mean, std = manifest_normalisation(bundle.manifest)
-        chosen = settings or MapSettings(precision=str(component.config.get("precision", "fp32")))
+        chosen = MapSettings(precision=precision or str(component.config.get("precision", "fp32")), tta=tta)
         net = cls(network, mean=mean, std=std, settings=chosen, device=device, weights_sha256=component.sha256)
         return net, bundle, component
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import NUCLEUS, NucleusClass, PointSet
-from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, N_MAPS, DenseMapNet, MapSettings
+from wsiseg.models.tiny.maps import CENTRE, DISTANCE, FOREGROUND, N_MAPS, DenseMapNet
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import Bundle
@@ -149,22 +149,22 @@ class TinyPrompter:
 
     @property
     def map_key(self) -> str | None:
-        """Identifies the maps (network weights and precision); None when unknown."""
+        """Identifies the maps (network weights, precision, tta); None when unknown."""
         return self.net.map_key
 
     @classmethod
     def from_bundle(
         cls, bundle: Bundle | str | Path, *, device: str = "cpu", min_score: float | None = None,
-        precision: str | None = None,
+        precision: str | None = None, tta: bool = False,
     ) -> TinyPrompter:
         """Build from a bundle's "prompter" component (architecture "tiny_prompter").
 
         Component config: levels, base_channels, threshold, min_distance_px,
-        foreground_threshold, context_px, precision; min_score overrides the threshold.
+        foreground_threshold, context_px, precision; min_score overrides the threshold;
+        tta: average the maps over the tile's flips (`MapSettings.tta`).
         """
-        settings = MapSettings(precision=precision) if precision else None
         net, bundle, component = DenseMapNet.from_bundle(
-            bundle, "prompter", ARCHITECTURE, device=device, settings=settings
+            bundle, "prompter", ARCHITECTURE, device=device, precision=precision, tta=tta
         )
         config = component.config
         try:

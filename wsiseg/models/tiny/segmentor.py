@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiseg.models.protocols import PromptBatch, TileMasks
-from wsiseg.models.tiny.maps import DISTANCE, FOREGROUND, DenseMapNet, MapSettings, tile_batches
+from wsiseg.models.tiny.maps import DISTANCE, FOREGROUND, DenseMapNet, tile_batches
 
 if TYPE_CHECKING:
     from wsiseg.models.bundles import Bundle
@@ -137,21 +137,21 @@ class TinySegmentor:
 
     @property
     def map_key(self) -> str | None:
-        """Identifies the maps (network weights and precision); None when unknown."""
+        """Identifies the maps (network weights, precision, tta); None when unknown."""
         return self.net.map_key
 
     @classmethod
     def from_bundle(
         cls, bundle: Bundle | str | Path, *, input_size: int | None = None, device: str = "cpu",
-        k_negatives: int | None = None, precision: str | None = None,
+        k_negatives: int | None = None, precision: str | None = None, tta: bool = False,
     ) -> TinySegmentor:
         """Build from a bundle's "segmentor" component (architecture "tiny_segmentor").
 
         input_size is accepted for the loader's signature; the model takes any tile size.
+        tta: average the maps over the tile's flips (`MapSettings.tta`).
         """
-        settings = MapSettings(precision=precision) if precision else None
         net, bundle, component = DenseMapNet.from_bundle(
-            bundle, "segmentor", ARCHITECTURE, device=device, settings=settings
+            bundle, "segmentor", ARCHITECTURE, device=device, precision=precision, tta=tta
         )
         try:
             ws = WatershedSettings(
