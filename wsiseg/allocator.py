@@ -11,6 +11,9 @@ Measured on the 2-core build machine (wsiseg-tiny's network on one 1152² tile, 
 -> 0.37-0.39 s per tile, minor page faults 75-82 k -> 1-4 k, system time 0.24 s -> 0.01 s;
 peak RSS 30-100 MB higher.  Results are bit-identical: only where memory comes from changes.
 
+Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (its setting
+`distributed.nanny.pre-spawn-environ`), to hand freed memory back; a worker that loads a model
+overrides it for itself, so its memory beyond what Dask manages stays at the few hundred MB kept.
 Other C libraries (macOS, musl) are left as they are.  WSISEG_KEEP_FREED_MEMORY=0 in the
 environment turns it off (e.g. to give memory back between tiles on a crowded node).
 """
