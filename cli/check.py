@@ -20,9 +20,10 @@ _COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj"
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
               help="auto: CUDA when a GPU is present, else the CPU (as `wsiseg run`).")
 @click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px for slides that lack it.")
+@click.option("--tta", is_flag=True, help="Estimate a run with test-time augmentation (wsiseg run --tta).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list (one object per slide) instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details to the terminal.")
-def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | None, as_json: bool,
+def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | None, tta: bool, as_json: bool,
                   verbose: bool) -> None:
     """Open every slide of PATHS (files, folders, manifest .csv files), sample the pipeline on
     its tissue and estimate tiles, nuclei, time and memory.  Exit code 1 when any slide is
@@ -48,7 +49,7 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
         _fail(f"no slides found in {', '.join(paths)}", None)
         sys.exit(2)
     try:
-        loaded = load_model(CheckConfig(model=model, device=device, mpp=mpp))
+        loaded = load_model(CheckConfig(model=model, device=device, mpp=mpp, tta=tta))
     except Exception as exc:  # noqa: BLE001 - whatever stops the model loading, the fix is an option (as run)
         _fail(str(exc) or f"--model {model}: {type(exc).__name__}", None)
         sys.exit(2)

@@ -165,3 +165,12 @@ def test_table_names_slides_relative_to_the_cohort_folder(tmp_path: Path, svs_sl
     assert sorted(rows) == ["good.svs", "sub/good.svs"]
     assert "sub/good.svs: unusable: no reader could open it" in out
     assert "in all as one run" in out
+
+
+def test_tta_is_estimated_with_the_models_a_tta_run_loads_and_refused_where_a_run_refuses_it(svs_slide: Path) -> None:
+    from wsiseg.preflight import CheckConfig, load_model
+
+    loaded = load_model(CheckConfig(model="wsiseg-tiny", device="cpu", tta=True))
+    assert loaded.segmentor.net.settings.tta and loaded.prompter.net.settings.tta
+    refused = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--tta"])
+    assert refused.exit_code == 2 and "--tta" in refused.output

@@ -41,11 +41,13 @@ MEMORY_WARNING_SHARE = 0.8
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """How `check_slide` samples: the model and device a run will use, and the default mpp."""
+    """How `check_slide` samples: the model, device and test-time augmentation (--tta) a run will
+    use, and the default mpp."""
 
     model: str = "wsiseg-tiny"
     device: str = "auto"
     mpp: float | None = None
+    tta: bool = False
     sample_side_um: float = SAMPLE_SIDE_UM
 
     def __post_init__(self) -> None:
@@ -111,14 +113,14 @@ def load_model(config: CheckConfig) -> LoadedModel:
     from wsiseg.synthetic import SyntheticSpec, write_png
 
     t = time.perf_counter()
-    _, prompter, segmentor = load_run_models(RunConfig(model=config.model, device=config.device))
+    _, prompter, segmentor = load_run_models(RunConfig(model=config.model, device=config.device, tta=config.tta))
     if prompter is not None:
         with tempfile.TemporaryDirectory(prefix="wsiseg-check-") as tmp:
             image = Path(tmp) / "warm-up.png"
             mpp = min(max(float(segmentor.mpp), 0.05), 10.0)
             write_png(image, SyntheticSpec(256, 256, mpp=mpp, tissue_fraction=1.0))
             warm = RunConfig(model=config.model, device=config.device, mpp=mpp, tissue_detection=False,
-                             scheduler=SchedulerConfig(scheduler="synchronous"))
+                             tta=config.tta, scheduler=SchedulerConfig(scheduler="synchronous"))
             run_slide(image, Path(tmp) / "out", warm)
             _forget_slide(image)
     return LoadedModel(config, prompter, segmentor, time.perf_counter() - t)
@@ -221,7 +223,7 @@ def _sampled(
         roi_file.write_text(json.dumps(shapely.geometry.mapping(region)))
         run_config = RunConfig(
             model=config.model, device=config.device, mpp=override, tissue_detection=False, roi=roi_file,
-            scheduler=SchedulerConfig(scheduler="synchronous"),
+            tta=config.tta, scheduler=SchedulerConfig(scheduler="synchronous"),
         )
         try:
             with _PeakRss() as memory:
