@@ -35,7 +35,10 @@ _HEADERS = {"f1_detection": "f1"}
 @click.option("--tile-size", "tile_size", type=int, default=None, help="Tile size in model px (default: the model's).")
 @click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px.")
 @click.option("--tta", is_flag=True,
-              help="Test-time augmentation for MODEL (not the --compare models): maps averaged over flips.")
+              help="Test-time augmentation for MODEL (not the --compare models): maps averaged over flips "
+                   "(4 network passes a tile, about 3x the time).")
+@click.option("--min-score", type=float, default=None,
+              help="Drop prompts scoring below this, for every model (0 <= S < 1; default: each model's own).")
 @click.option("--tissue-detection", is_flag=True, help="Detect tissue first (off: dataset images are tissue crops).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--workers", type=int, default=None, help="Local Dask workers (default: CPU cores).")
@@ -80,6 +83,7 @@ def _config(model: str, kw: dict[str, Any]) -> Any:
         overlap_px=kw["overlap"],
         tissue_detection=kw["tissue_detection"],
         tta=kw["tta"],
+        min_score=kw["min_score"],
         device=kw["device"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"]),
     )

@@ -124,6 +124,9 @@ def info_command(model: str, as_json: bool) -> None:
         arch = comp["architecture"] + (f" ({variant})" if variant else "")
         click.echo(f"  {role}: {arch}, {comp['weights']['file']} ({_mib(comp['size_bytes'])})")
         click.echo(f"    sha256: {comp['weights']['sha256']}")
+    prompter = info["components"].get("prompter", {})
+    if prompter.get("architecture") == "tiny_prompter" and "threshold" in prompter.get("config", {}):
+        click.echo(f"  score threshold (the default --min-score): {prompter['config']['threshold']:g}")
     click.echo(f"  bundle sha256: {info['bundle_sha256']}")
     if "source" in info:
         click.echo(f"  pulled from: {info['source'].get('url')}")

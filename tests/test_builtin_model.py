@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import shapely
+from click.testing import CliRunner
 from scipy.spatial import cKDTree
 
+from wsiseg.cli.main import main
 from wsiseg.models.bundles import open_bundle
 from wsiseg.models.cache import BUILTIN_BUNDLES, resolve_model
 from wsiseg.pipeline import DEFAULT_MODEL, RunConfig, run_slide
@@ -94,6 +96,8 @@ def test_min_score_drops_the_prompts_scoring_below_it(synthetic: tuple[Path, Any
     manifest_threshold = open_bundle(resolve_model("wsiseg-tiny")).component("prompter").config["threshold"]
     assert default_run.report_data["model"]["min_score"] == manifest_threshold
     assert strict.report_data["model"]["min_score"] == threshold
+    shown = CliRunner().invoke(main, ["models", "info", "wsiseg-tiny"]).output
+    assert f"score threshold (the default --min-score): {manifest_threshold:g}" in shown
 
 
 def test_one_network_pass_gives_the_nuclei_of_two_passes(

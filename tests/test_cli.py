@@ -134,8 +134,7 @@ def test_demo_slide_only_writes_a_slide_that_opens_and_runs_nothing(tmp_path: Pa
 
     slides = []
     for seed in (1, 2):
-        path = tmp_path / "cohort" / f"case-{seed}.svs"
-        path.parent.mkdir(exist_ok=True)
+        path = tmp_path / "cohort" / f"case-{seed}.svs"  # the folder is created, as run -o creates its own
         result = CliRunner().invoke(main, ["demo", "--size", "256", "--seed", str(seed), "--slide-only", str(path)])
         assert result.exit_code == 0, result.output
         assert result.output.startswith(f"wrote synthetic slide {path} (256x256 px, ")

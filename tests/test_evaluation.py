@@ -183,3 +183,18 @@ def test_library_evaluate_keeps_runs_only_when_asked(pairs_dir: Path, tmp_path: 
     assert [r["name"] for r in report.per_image] == list(SPECS)
     csv_path, json_path = report.write(tmp_path)
     assert json.loads(json_path.read_text())["runs_dir"] == str(report.runs_dir)
+
+
+def test_eval_min_score_drops_low_scoring_prompts_as_run_does(
+    pairs_dir: Path, classical_eval: tuple[Path, dict[str, Any], str], tmp_path: Path
+) -> None:
+    _, plain, _ = classical_eval
+    result = CliRunner().invoke(main, [
+        "eval", "--model", "classical", "--data", str(pairs_dir), "--mpp", str(MPP), "-o", str(tmp_path),
+        "--min-score", "0.999", "--no-overlays", *SYNC,
+    ])
+    assert result.exit_code == 0, result.output
+    strict = json.loads((tmp_path / "eval.json").read_text())
+    assert strict["parameters"]["min_score"] == 0.999 and plain["parameters"]["min_score"] is None
+    n_plain = sum(row["n_pred"] for row in plain["per_image"])
+    assert sum(row["n_pred"] for row in strict["per_image"]) < n_plain

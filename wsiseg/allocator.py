@@ -8,8 +8,9 @@ page faults).  Raising the mmap and trim thresholds (`mallopt(3)`: M_MMAP_THRESH
 M_TRIM_THRESHOLD) keeps freed blocks in the heap for the next tile instead.
 
 Measured on the 2-core build machine (wsiseg-tiny's network on one 1152² tile, fp32): 0.51 s
--> 0.37-0.39 s per tile, minor page faults 75-82 k -> 1-4 k, system time 0.24 s -> 0.01 s;
-peak RSS 30-100 MB higher.  Results are bit-identical: only where memory comes from changes.
+-> 0.37-0.39 s per tile, minor page faults 75-82 k -> 1-4 k, system time 0.24 s -> 0.01 s.
+Peak RSS is higher by what is kept: 30-100 MB in that test, 1.09 -> 1.17-1.30 GB for
+wsiseg-tiny on the 4096² benchmark slide (benchmarks/README.md).  Results are bit-identical: only where memory comes from changes.
 
 Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (its setting
 `distributed.nanny.pre-spawn-environ`), to hand freed memory back; a worker that loads a model

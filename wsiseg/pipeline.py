@@ -72,7 +72,7 @@ class RunConfig:
     prompt_selection: str | None = None
     points_per_tile: int | None = None
     min_score: float | None = None
-    #: test-time augmentation: a dense-map model's maps averaged over each tile's flips (4x its network time)
+    #: test-time augmentation: a dense-map model's maps averaged over each tile's flips (4 network passes a tile)
     tta: bool = False
     batch_tiles: int = 8
     #: a tile the file cannot decode: "fail" (one line naming it) or "skip" (background, listed in the report)
