@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.compiled import compiled
 from wsiseg.readers.base import SlideReader, require_mpp
 
 logger = logging.getLogger(__name__)
@@ -101,44 +100,18 @@ def resample_integer(
 
     The same bytes as `resample_float` with weights mx / kx, my / ky:
     that path is exact for such weights (see `_MAX_INTEGER_DENOMINATOR`) and rounds half to
-    even (np.rint); this one does the same sums in integers, compiled (`_dyadic_sums`).
+    even (np.rint); this one does the same sums in integers, compiled
+    (`wsiseg.readers.resample_kernels.dyadic_sums`, imported on first use: numba loads then).
     denominator: a power of two.
     """
     if denominator < 1 or denominator & (denominator - 1):
         raise ValueError(f"denominator must be a power of two, got {denominator}")
-    return _dyadic_sums(
+    from wsiseg.readers.resample_kernels import dyadic_sums
+
+    return dyadic_sums(
         np.ascontiguousarray(patch, np.uint8), np.ascontiguousarray(ix, np.int64), np.ascontiguousarray(mx, np.int64),
         np.ascontiguousarray(iy, np.int64), np.ascontiguousarray(my, np.int64), denominator.bit_length() - 1,
     )
-
-
-@compiled
-def _dyadic_sums(
-    patch: np.ndarray, ix: np.ndarray, mx: np.ndarray, iy: np.ndarray, my: np.ndarray, shift: int
-) -> np.ndarray:  # pragma: no cover - compiled
-    """(h, w, 3) uint8: sum over taps of mx * my * patch pixel, divided by 2**shift and rounded
-    half to even; along x first, then y, in int64 (exact: every partial sum is an integer)."""
-    rows = np.empty((patch.shape[0], ix.shape[0], 3), np.int64)
-    for r in range(patch.shape[0]):
-        for j in range(ix.shape[0]):
-            for c in range(3):
-                total = 0
-                for t in range(ix.shape[1]):
-                    total += mx[j, t] * patch[r, ix[j, t], c]
-                rows[r, j, c] = total
-    out = np.empty((iy.shape[0], ix.shape[0], 3), np.uint8)
-    half = (1 << shift) >> 1
-    for i in range(iy.shape[0]):
-        for j in range(ix.shape[0]):
-            for c in range(3):
-                total = 0
-                for t in range(iy.shape[1]):
-                    total += my[i, t] * rows[iy[i, t], j, c]
-                if shift > 0:
-                    # round half to even: floor((total + k/2 - 1 + [floor(total / k) is odd]) / k)
-                    total = (total + half - 1 + ((total >> shift) & 1)) >> shift
-                out[i, j, c] = total
-    return out
 
 
 def _separable_sums(patch: np.ndarray, ix: np.ndarray, wx: np.ndarray, iy: np.ndarray, wy: np.ndarray) -> np.ndarray:
