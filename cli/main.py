@@ -119,9 +119,6 @@ def _expand_slides(inputs: tuple[str, ...]) -> list[Path]:
 @click.version_option(__version__, prog_name="wsiseg")
 def main() -> None:
     """Find every cell nucleus in whole-slide images; write QuPath GeoJSON and Zarr."""
-    from wsiseg.allocator import keep_freed_memory
-
-    keep_freed_memory()  # models and training allocate the same large arrays again and again
 
 
 def _run_options(f: Any) -> Any:

@@ -17,6 +17,9 @@ log = logging.getLogger("wsiseg")
 def train() -> None:
     """Train a model from labelled images; each mode writes a bundle: `wsiseg run --model BUNDLE` for
     segmentors and whole models, `--prompter BUNDLE` for prompters."""
+    from wsiseg.allocator import keep_freed_memory
+
+    keep_freed_memory()  # each step allocates the same large tensors again (wsiseg.allocator)
 
 
 @train.command("tiny")

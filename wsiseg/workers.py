@@ -66,11 +66,11 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.allocator import keep_freed_memory
     from wsiseg.models import load_prompter, load_segmentor, takes_tta
 
-    keep_freed_memory()  # tile after tile the same large arrays: reuse them (wsiseg.allocator)
-
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
 
+    if spec.model != "classical" or (spec.prompter or "classical") != "classical":
+        keep_freed_memory()  # a network's tile after tile the same large tensors: reuse them (wsiseg.allocator)
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta)
     prompter_name = spec.prompter or spec.model
     if spec.prompter is None and not _has_prompter(spec.model):
