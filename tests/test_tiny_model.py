@@ -267,6 +267,78 @@ def test_a_run_started_from_a_bundle_starts_from_its_weights_and_refuses_other_o
         _recipe(tmp_path, init_bundle=str(first))
 
 
+def test_a_slimmed_unet_computes_the_wide_one_when_the_dropped_channels_are_silent() -> None:
+    import torch
+
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+    from wsiseg.training.slim import slim_unet_state
+
+    torch.manual_seed(0)
+    wide, narrow = UNetConfig(4, 8, 3), UNetConfig(4, 6, 3)
+    net = UNet(wide).eval()
+    pick = torch.Generator().manual_seed(1)
+    for module in net.modules():  # a quarter of every layer's channels silenced: zero scale and shift
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+            drop = torch.randperm(module.num_features, generator=pick)[: module.num_features // 4]
+            module.weight.data[drop] = 0
+            module.bias.data[drop] = 0
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            drop = torch.randperm(module.out_channels, generator=pick)[: module.out_channels // 4]
+            module.weight.data[:, drop] = 0
+            module.bias.data[drop] = 0
+    slim = UNet(narrow).eval()
+    slim.load_state_dict(slim_unet_state(net.state_dict(), wide, narrow))  # strict: every key, every shape
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(slim(x).numpy(), net(x).numpy(), atol=1e-5)
+        assert float((UNet(narrow).eval()(x) - net(x)).abs().max()) > 0.1  # a fresh narrow net does not
+
+    with pytest.raises(ValueError, match="cannot widen"):
+        slim_unet_state(net.state_dict(), wide, UNetConfig(4, 16, 3))
+    with pytest.raises(ValueError, match="keeps the levels"):
+        slim_unet_state(net.state_dict(), wide, UNetConfig(3, 6, 3))
+
+
+def test_a_narrower_run_starts_from_the_slimmed_bundle_and_learns_from_its_teacher(tmp_path: Path) -> None:
+    import torch
+
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.prompters.unet import UNetConfig
+    from wsiseg.training.loop import TrainingError
+    from wsiseg.training.slim import slim_unet_state
+    from wsiseg.training.tiny import TinyTask, split_items, train_tiny
+
+    first = train_tiny(_recipe(tmp_path, epochs=1, steps_per_epoch=1), tmp_path / "first", progress=False).bundle
+    sha = open_bundle(first).component("prompter").sha256
+    pinned = dict(init_bundle=str(first), init_sha256=sha, teacher_bundle=str(first), teacher_sha256=sha)
+    recipe = _recipe(tmp_path, base_channels=3, distill_weight=0.5, **pinned)
+    task = TinyTask(recipe, *split_items(recipe))
+    expected = slim_unet_state(open_bundle(first).load_weights("prompter"), UNetConfig(3, 4, 3), UNetConfig(3, 3, 3))
+    assert all(torch.equal(task.model.state_dict()[k], v) for k, v in expected.items())
+
+    batch = next(task.batches(0, np.random.default_rng(0), 1))
+    terms = task.step(batch)
+    assert terms["distill"] > 0
+    rest = terms["fg_bce"] + terms["fg_dice"] + terms["centre"] + 2.0 * terms["distance"]
+    assert terms["loss"] == pytest.approx(rest + 0.5 * terms["distill"], rel=1e-5)
+    assert not any(p.requires_grad for p in task.teacher.parameters())  # the teacher does not learn
+
+    run = train_tiny(recipe, tmp_path / "narrow", progress=False)
+    assert open_bundle(run.bundle).component("prompter").config["base_channels"] == 3
+    assert "distill" in run.history[-1]
+    with pytest.raises(TrainingError, match=f"teacher_bundle .*sha256 {sha}, the recipe asks for {'0' * 64}"):
+        TinyTask(_recipe(tmp_path, distill_weight=0.5, teacher_bundle=str(first), teacher_sha256="0" * 64),
+                 *split_items(recipe))
+    with pytest.raises(ValueError, match="distill_weight > 0 needs a teacher_bundle"):
+        _recipe(tmp_path, distill_weight=0.5)
+    with pytest.raises(ValueError, match="teacher_bundle and teacher_sha256 go together"):
+        _recipe(tmp_path, teacher_bundle=str(first))
+
+
 def test_network_maps_do_not_depend_on_batching_and_the_inference_form_keeps_the_function() -> None:
     import torch
 

@@ -46,8 +46,8 @@ ENV_SWITCH = "WSISEG_KEEP_FREED_MEMORY"
 _done: list[bool] = []
 
 
-def keep_freed_memory(largest_block_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Set glibc's mmap threshold to `largest_block_bytes` and its trim threshold to twice that,
+def keep_freed_memory() -> bool:
+    """Set glibc's mmap threshold to `MMAP_THRESHOLD_BYTES` and its trim threshold to twice that,
     for this process (once: the first call decides, later calls do nothing).
 
     Returns True when the settings are in force.  Off on other platforms or C libraries, and
@@ -55,7 +55,7 @@ def keep_freed_memory(largest_block_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     """
     if _done:
         return _done[0]
-    _done.append(_set_thresholds(int(largest_block_bytes)))
+    _done.append(_set_thresholds(MMAP_THRESHOLD_BYTES))
     return _done[0]
 
 

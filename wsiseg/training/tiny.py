@@ -84,10 +84,21 @@ class TinyRecipe:
     #: seeds the training crops when >= 0 (default: `seed`, which also draws the validation
     #: split); a continued run sets it so it sees other crops than its starting run
     crop_seed: int = -1
+    #: distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): this
+    #: bundle's network (a wsiseg-tiny prompter; `teacher_sha256` pins its weights) runs on every
+    #: training crop, and `distill_weight` x the mean squared difference between its three maps
+    #: and the student's is added to the loss; 0 turns it off
+    teacher_bundle: str = ""
+    teacher_sha256: str = ""
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if bool(self.init_bundle) != bool(self.init_sha256):
             raise ValueError("init_bundle and init_sha256 go together (the sha256 pins the starting weights)")
+        if bool(self.teacher_bundle) != bool(self.teacher_sha256):
+            raise ValueError("teacher_bundle and teacher_sha256 go together (the sha256 pins the teacher's weights)")
+        if self.distill_weight < 0 or (self.distill_weight > 0) != bool(self.teacher_bundle):
+            raise ValueError("distill_weight > 0 needs a teacher_bundle, and a teacher_bundle needs distill_weight > 0")
         if self.crop_px % (2 ** (self.levels - 1)):
             raise ValueError(f"crop_px {self.crop_px} must be a multiple of {2 ** (self.levels - 1)}")
         if self.precision not in ("fp32", "bf16") or self.inference_precision not in ("fp32", "bf16"):
@@ -119,9 +130,10 @@ class TinyRecipe:
         data = Path(str(flat.get("data", "")))
         if not data.is_absolute():
             flat["data"] = str((path.parent / data).resolve())
-        init = Path(str(flat.get("init_bundle", "")))
-        if flat.get("init_bundle") and not init.is_absolute():
-            flat["init_bundle"] = str((path.parent / init).resolve())
+        for key in ("init_bundle", "teacher_bundle"):
+            given = Path(str(flat.get(key, "")))
+            if flat.get(key) and not given.is_absolute():
+                flat[key] = str((path.parent / given).resolve())
         flat["exclude"] = tuple(flat.get("exclude", ()))
         try:
             return cls(**flat)
@@ -182,6 +194,7 @@ class TinyTask:
         if recipe.init_bundle:
             load_initial_weights(self.model, recipe)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = load_teacher(recipe) if recipe.distill_weight > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         total = recipe.epochs * recipe.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -197,8 +210,9 @@ class TinyTask:
             crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px) for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
-    def losses(self, logits: Any, targets: Any) -> dict[str, Any]:
-        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring)."""
+    def losses(self, logits: Any, targets: Any, teacher_maps: Any = None) -> dict[str, Any]:
+        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring),
+        and with (B, 3, H, W) teacher probabilities, the distillation term (`distill_weight`)."""
         import torch
         import torch.nn.functional as F
 
@@ -212,7 +226,11 @@ class TinyTask:
         dist = F.mse_loss(torch.sigmoid(logits[:, 2]), dist_t)
         r = self.recipe
         loss = fg_bce + dice.mean() + r.centre_weight * centre + r.distance_weight * dist
-        return {"loss": loss, "fg_bce": fg_bce, "fg_dice": dice.mean(), "centre": centre, "distance": dist}
+        terms = {"fg_bce": fg_bce, "fg_dice": dice.mean(), "centre": centre, "distance": dist}
+        if teacher_maps is not None:
+            terms["distill"] = F.mse_loss(torch.sigmoid(logits), teacher_maps)
+            loss = loss + r.distill_weight * terms["distill"]
+        return {"loss": loss, **terms}
 
     def step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
         import torch
@@ -221,9 +239,13 @@ class TinyTask:
         x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)
         t = torch.from_numpy(targets)
+        teacher_maps = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_maps = torch.sigmoid(self.teacher(x))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.precision == "bf16"):
             logits = self.model(x)
-        terms = self.losses(logits, t)
+        terms = self.losses(logits, t, teacher_maps)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
@@ -281,7 +303,7 @@ class TinyTask:
         training = {
             # paths on the training machine stay out (init_sha256 names the starting weights)
             "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()
-                       if k not in ("data", "card", "init_bundle")},
+                       if k not in ("data", "card", "init_bundle", "teacher_bundle")},
             "train_images": len(self.images),
             "validation_images": [it.name for it in self.val],
             "last_epoch": history[-1] if history else None,
@@ -290,24 +312,64 @@ class TinyTask:
 
 
 def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
-    """Load the prompter weights of `recipe.init_bundle` into `model`.
+    """Load the prompter weights of `recipe.init_bundle` into `model`.  A bundle whose UNet has
+    the recipe's levels but more channels is slimmed to the recipe's `base_channels` first
+    (`wsiseg.training.slim`: each layer keeps its channels of largest BatchNorm scale).
 
     Raises TrainingError when the bundle cannot be opened, its weights' sha256 is not
     `recipe.init_sha256` (another model than the recipe names), or the weights do not fit.
     """
-    from wsiseg.models.bundles import BundleError, open_bundle
     from wsiseg.models.prompters.point import load_state
+    from wsiseg.models.prompters.unet import UNetConfig
+    from wsiseg.training.slim import slim_unet_state
 
     where = f"init_bundle {recipe.init_bundle}"
+    state, config = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where)
     try:
-        bundle = open_bundle(recipe.init_bundle)
-        sha = bundle.component("prompter").sha256
-        if sha != recipe.init_sha256:
+        wide = UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=3)
+        if wide.base_channels != recipe.base_channels:
+            narrow = UNetConfig(recipe.levels, recipe.base_channels, out_channels=3)
+            state = slim_unet_state(state, wide, narrow)
+            log.info("%s: slimmed from %d to %d base channels", where, wide.base_channels, narrow.base_channels)
+        load_state(model, state, where=where)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
+
+
+def load_teacher(recipe: TinyRecipe) -> Any:
+    """The network of `recipe.teacher_bundle` in its inference form (eval mode, BatchNorm
+    folded, channels-last); raises TrainingError as `load_initial_weights` does."""
+    import torch
+
+    from wsiseg.models.prompters.point import load_state
+    from wsiseg.models.tiny.maps import build_network
+
+    where = f"teacher_bundle {recipe.teacher_bundle}"
+    state, config = _pinned_weights(recipe.teacher_bundle, recipe.teacher_sha256, where)
+    try:
+        network: Any = build_network(config)
+        load_state(network, state, where=where)
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrainingError(f"{where}: cannot use it as the teacher: {exc}") from exc
+    teacher = network.fused_for_inference().to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _pinned_weights(folder: str, sha256: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prompter state, prompter config) of a bundle whose prompter weights have `sha256`."""
+    from wsiseg.models.bundles import BundleError, open_bundle
+
+    try:
+        bundle = open_bundle(folder)
+        component = bundle.component("prompter")
+        if component.sha256 != sha256:
             raise TrainingError(
-                f"{where}: its prompter weights have sha256 {sha}, the recipe asks for {recipe.init_sha256}; "
+                f"{where}: its prompter weights have sha256 {component.sha256}, the recipe asks for {sha256}; "
                 "train the recipe's starting model first (see the recipe's comments)"
             )
-        load_state(model, bundle.load_weights("prompter"), where=where)
+        return bundle.load_weights("prompter"), dict(component.config)
     except (BundleError, OSError, ValueError) as exc:
         raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
 

@@ -1,0 +1,81 @@
+"""A narrower UNet started from a wider one's weights: the channels each layer keeps.
+
+Network slimming (Z. Liu et al., "Learning Efficient Convolutional Networks through Network
+Slimming", ICCV 2017) ranks a convolution's output channels by the magnitude of the BatchNorm
+scale that follows it: a channel whose scale is small contributes little after normalisation.
+`slim_unet_state` keeps, in every layer of a `wsiseg.models.prompters.unet.UNet`, the channels
+with the largest |BatchNorm weight| (for the transposed up-convolutions, which have no
+BatchNorm, the largest L1 norm of their weights), and cuts every weight tensor to the kept
+output channels and to the kept channels of the layer that feeds it.  The result is a state for
+a UNet with the same levels and a smaller `base_channels`; fine-tuning recovers what the
+dropped channels carried.  If the dropped channels are exactly silent (zero scale and shift),
+the narrow network computes the same function as the wide one (`tests/test_tiny_model.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from wsiseg.models.prompters.unet import UNetConfig
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices of the `keep` largest scores, in increasing index order (ties: lower index)."""
+    order = torch.argsort(-scores.abs().double(), stable=True)[:keep]
+    return torch.sort(order).values
+
+
+def slim_unet_state(state: dict[str, Any], wide: UNetConfig, narrow: UNetConfig) -> dict[str, Any]:
+    """The (unfused, training-form) UNet state of `narrow` cut from `wide`'s state.
+
+    state: a `UNet(wide).state_dict()` (BatchNorm layers present, not `fused_for_inference`).
+    Raises ValueError when the two configs differ in levels or out_channels, or when `narrow`
+    is wider than `wide`.
+    """
+    if (wide.levels, wide.out_channels) != (narrow.levels, narrow.out_channels):
+        raise ValueError(
+            f"a slimmed UNet keeps the levels and outputs: {wide.levels} levels / {wide.out_channels} outputs "
+            f"against {narrow.levels} / {narrow.out_channels}"
+        )
+    if narrow.base_channels > wide.base_channels:
+        raise ValueError(f"cannot widen a UNet by slimming ({wide.base_channels} -> {narrow.base_channels} channels)")
+    levels = wide.levels
+    keep = [narrow.base_channels * 2**i for i in range(levels)]
+    width = [wide.base_channels * 2**i for i in range(levels)]
+    out: dict[str, Any] = {}
+
+    def conv_bn(prefix: str, conv_at: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        out[f"{prefix}.{conv_at}.weight"] = state[f"{prefix}.{conv_at}.weight"][rows][:, cols].clone()
+        for key in BN_KEYS:
+            out[f"{prefix}.{conv_at + 1}.{key}"] = state[f"{prefix}.{conv_at + 1}.{key}"][rows].clone()
+        out[f"{prefix}.{conv_at + 1}.num_batches_tracked"] = state[f"{prefix}.{conv_at + 1}.num_batches_tracked"].clone()
+
+    def block(prefix: str, level: int, cols: torch.Tensor) -> torch.Tensor:
+        """A double-conv block fed by channels `cols`; returns the channels it keeps."""
+        inner = _top(state[f"{prefix}.1.weight"], keep[level])
+        outer = _top(state[f"{prefix}.4.weight"], keep[level])
+        conv_bn(prefix, 0, inner, cols)
+        conv_bn(prefix, 3, outer, inner)
+        return outer
+
+    skips = []
+    feed = torch.arange(3)
+    for i in range(levels):
+        feed = block(f"down.{i}", i, feed)
+        skips.append(feed)
+    for i in range(levels - 2, -1, -1):
+        up_w = state[f"up.{i}.weight"]  # (in, out, 2, 2)
+        up_keep = _top(up_w.abs().sum(dim=(0, 2, 3)), keep[i])
+        out[f"up.{i}.weight"] = up_w[feed][:, up_keep].clone()
+        out[f"up.{i}.bias"] = state[f"up.{i}.bias"][up_keep].clone()
+        feed = block(f"merge.{i}", i, torch.cat([skips[i], width[i] + up_keep]))
+    out["head.weight"] = state["head.weight"][:, feed].clone()
+    out["head.bias"] = state["head.bias"].clone()
+    missing = sorted(set(state) - set(out))
+    if missing:
+        raise ValueError(f"UNet state has keys a slimmed state does not fill: {missing[:5]}")
+    return out
