@@ -8,8 +8,10 @@ on the window with a margin (so nuclei cut by the crop keep their own centroid a
 and crops the centre `crop_px` square.
 
 Loss (our own weighting): foreground BCE + soft Dice; centre heatmap BCE on soft targets,
-weighted 1 + 4 x target so the rare peak pixels count; distance MSE on the sigmoid output.
-AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
+weighted 1 + 4 x target so the rare peak pixels count; distance MSE on the sigmoid output;
+with a teacher, `distill_weight` x the MSE between the teacher's and the student's three maps.
+A run can start from a trained bundle (`init_bundle`), slimmed when it is wider
+(`wsiseg.training.slim`).  AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
 """
 
 from __future__ import annotations
