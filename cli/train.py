@@ -34,12 +34,14 @@ def train() -> None:
 @click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
 @click.option("--val-fraction", type=float, default=None, help="Override the recipe's validation fraction.")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed (split, weights, crops).")
+@click.option("--data-mpp", type=float, default=None,
+              help="µm/px of dataset images that state none (the recipe's data_mpp).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (same recipe); "
               "on a finished run, writes its bundle again.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def tiny(recipe_path: Path, out_dir: Path, data: str | None, epochs: int | None, steps_per_epoch: int | None,
-         batch_size: int | None, lr: float | None, val_fraction: float | None, seed: int | None, resume: bool,
-         quiet: bool) -> None:
+         batch_size: int | None, lr: float | None, val_fraction: float | None, seed: int | None,
+         data_mpp: float | None, resume: bool, quiet: bool) -> None:
     """Train wsiseg-tiny (UNet maps, core prompter, watershed segmentor) from a recipe TOML."""
     from wsiseg.datasets.item import DatasetError
     from wsiseg.training.loop import TrainingError
@@ -48,7 +50,8 @@ def tiny(recipe_path: Path, out_dir: Path, data: str | None, epochs: int | None,
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         recipe = TinyRecipe.from_toml(recipe_path, data=data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                      batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
+                                      batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed,
+                                      data_mpp=data_mpp)
         result = train_tiny(recipe, out_dir, resume=resume, progress=not quiet)
     except (ValueError, DatasetError, TrainingError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)

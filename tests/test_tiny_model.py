@@ -330,13 +330,48 @@ def test_a_narrower_run_starts_from_the_slimmed_bundle_and_learns_from_its_teach
     run = train_tiny(recipe, tmp_path / "narrow", progress=False)
     assert open_bundle(run.bundle).component("prompter").config["base_channels"] == 3
     assert "distill" in run.history[-1]
-    with pytest.raises(TrainingError, match=f"teacher_bundle .*sha256 {sha}, the recipe asks for {'0' * 64}"):
+    with pytest.raises(TrainingError, match=f"teacher_bundle .*sha256 {sha}, the recipe asks for {'0' * 64}.*into teacher_sha256"):
         TinyTask(_recipe(tmp_path, distill_weight=0.5, teacher_bundle=str(first), teacher_sha256="0" * 64),
                  *split_items(recipe))
-    with pytest.raises(ValueError, match="distill_weight > 0 needs a teacher_bundle"):
+    with pytest.raises(ValueError, match="distill_weight > 0 needs a teacher: set teacher_bundle"):
         _recipe(tmp_path, distill_weight=0.5)
+    with pytest.raises(ValueError, match="a teacher_bundle needs distill_weight > 0"):
+        _recipe(tmp_path, teacher_bundle=str(first), teacher_sha256=sha)
     with pytest.raises(ValueError, match="teacher_bundle and teacher_sha256 go together"):
         _recipe(tmp_path, teacher_bundle=str(first))
+    # a teacher at another resolution would see the crops at the wrong scale: refused
+    with pytest.raises(TrainingError, match=r"works at 0.25 µm/px and the recipe at 0.5"):
+        TinyTask(_recipe(tmp_path, mpp=0.5, distill_weight=0.5, teacher_bundle=str(first), teacher_sha256=sha),
+                 *split_items(recipe))
+    # a start the slimming cannot make names the recipe keys to change
+    with pytest.raises(TrainingError, match=r"needs levels = 3 and base_channels <= 4 in the recipe \(it has 3 and 5\)"):
+        TinyTask(_recipe(tmp_path, base_channels=5, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
+    with pytest.raises(TrainingError, match=r"needs levels = 3 .*\(it has 4 and 4\)"):
+        TinyTask(_recipe(tmp_path, levels=4, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
+
+
+def test_images_without_a_resolution_train_with_data_mpp_and_the_error_names_it(tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from wsiseg.cli.main import main
+
+    stated = _tiny_dataset(tmp_path / "stated")
+    bare = tmp_path / "bare"  # the same images without the manifest that states their mpp
+    bare.mkdir()
+    for f in stated.iterdir():
+        if f.name != "manifest.json":
+            shutil.copy(f, bare / f.name)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'data = "{bare}"\nlevels = 3\nbase_channels = 4\nepochs = 1\nsteps_per_epoch = 1\n'
+                      'batch_size = 2\ncrop_px = 64\nval_fraction = 0.0\nvalidate_every = 0\nthreads = 1\n')
+    refused = CliRunner().invoke(main, ["train", "tiny", "--recipe", str(recipe), "-o", str(tmp_path / "a"), "-q"])
+    assert refused.exit_code == 2 and "--data-mpp (wsiseg train; data_mpp in a recipe" in refused.output
+    done = CliRunner().invoke(main, ["train", "tiny", "--recipe", str(recipe), "-o", str(tmp_path / "b"), "-q",
+                                     "--data-mpp", "0.25"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "b" / "bundle" / "manifest.json").is_file()
 
 
 def test_network_maps_do_not_depend_on_batching_and_the_inference_form_keeps_the_function() -> None:

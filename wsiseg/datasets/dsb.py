@@ -31,7 +31,8 @@ def list_dsb(folder: Path, *, mpp: float | None = None) -> list[ItemRef]:
     """
     if mpp is None:
         raise DatasetError(f"{folder}: the 2018 Data Science Bowl data has no resolution; "
-                           "pass --mpp (mpp= in Python) for the images (e.g. 0.25)")
+                           "pass --mpp (wsiseg eval) or --data-mpp (wsiseg train; data_mpp in a recipe; mpp= in Python) "
+                           "for the images (e.g. 0.25)")
     refs = []
     for sample in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "images").is_dir()):
         images = sorted(p for p in (sample / "images").iterdir() if p.is_file() and is_image_file(p))

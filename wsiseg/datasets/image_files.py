@@ -186,4 +186,5 @@ def resolve_mpp(image: Path, *stated: float | None, fallback: float | None) -> f
         if value is not None:
             return float(value)
     raise DatasetError(f"{image}: no resolution (µm per pixel) in a manifest or the file; "
-                       "pass --mpp (mpp= in Python), e.g. 0.25 for 40x, 0.5 for 20x")
+                       "pass --mpp (wsiseg eval) or --data-mpp (wsiseg train; data_mpp in a recipe; mpp= in Python), "
+                       "e.g. 0.25 for 40x, 0.5 for 20x, or give an mpp column in a CSV manifest")

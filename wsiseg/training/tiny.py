@@ -41,6 +41,8 @@ class TinyRecipe:
     """Everything that decides a wsiseg-tiny training run (the TOML file's keys, flattened)."""
 
     data: str
+    #: µm/px of dataset images whose files and manifests state none (0: every image must state it)
+    data_mpp: float = 0.0
     val_fraction: float = 0.25
     exclude: tuple[str, ...] = ()
     mpp_overrides: dict[str, float] = field(default_factory=dict)
@@ -99,8 +101,14 @@ class TinyRecipe:
             raise ValueError("init_bundle and init_sha256 go together (the sha256 pins the starting weights)")
         if bool(self.teacher_bundle) != bool(self.teacher_sha256):
             raise ValueError("teacher_bundle and teacher_sha256 go together (the sha256 pins the teacher's weights)")
-        if self.distill_weight < 0 or (self.distill_weight > 0) != bool(self.teacher_bundle):
-            raise ValueError("distill_weight > 0 needs a teacher_bundle, and a teacher_bundle needs distill_weight > 0")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_weight > 0 and not self.teacher_bundle:
+            raise ValueError("distill_weight > 0 needs a teacher: set teacher_bundle and teacher_sha256, or distill_weight = 0")
+        if self.teacher_bundle and self.distill_weight == 0:
+            raise ValueError("a teacher_bundle needs distill_weight > 0 (e.g. 1.0), or remove teacher_bundle")
+        if self.data_mpp < 0:
+            raise ValueError(f"data_mpp must be > 0 (or 0: none), got {self.data_mpp}")
         if self.crop_px % (2 ** (self.levels - 1)):
             raise ValueError(f"crop_px {self.crop_px} must be a multiple of {2 ** (self.levels - 1)}")
         if self.precision not in ("fp32", "bf16") or self.inference_precision not in ("fp32", "bf16"):
@@ -326,9 +334,17 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     from wsiseg.training.slim import slim_unet_state
 
     where = f"init_bundle {recipe.init_bundle}"
-    state, config = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where)
+    state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where)
+    if abs(mpp - recipe.mpp) > 1e-6:
+        log.warning("%s works at %g µm/px and the recipe at %g: training adapts it to the recipe's", where, mpp, recipe.mpp)
+    wide = UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=3)
+    if wide.levels != recipe.levels or wide.base_channels < recipe.base_channels:
+        raise TrainingError(
+            f"{where}: its UNet has {wide.levels} levels and {wide.base_channels} base channels; a run started "
+            f"from it needs levels = {wide.levels} and base_channels <= {wide.base_channels} in the recipe "
+            f"(it has {recipe.levels} and {recipe.base_channels})"
+        )
     try:
-        wide = UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=3)
         if wide.base_channels != recipe.base_channels:
             narrow = UNetConfig(recipe.levels, recipe.base_channels, out_channels=3)
             state = slim_unet_state(state, wide, narrow)
@@ -347,7 +363,12 @@ def load_teacher(recipe: TinyRecipe) -> Any:
     from wsiseg.models.tiny.maps import build_network
 
     where = f"teacher_bundle {recipe.teacher_bundle}"
-    state, config = _pinned_weights(recipe.teacher_bundle, recipe.teacher_sha256, where)
+    state, config, mpp = _pinned_weights(recipe.teacher_bundle, recipe.teacher_sha256, where)
+    if abs(mpp - recipe.mpp) > 1e-6:
+        raise TrainingError(
+            f"{where}: it works at {mpp} µm/px and the recipe at {recipe.mpp}; a teacher must see the crops at its "
+            "own resolution: choose a teacher trained at the recipe's mpp, or set the recipe's mpp to the teacher's"
+        )
     try:
         network: Any = build_network(config)
         load_state(network, state, where=where)
@@ -359,21 +380,24 @@ def load_teacher(recipe: TinyRecipe) -> Any:
     return teacher
 
 
-def _pinned_weights(folder: str, sha256: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(prompter state, prompter config) of a bundle whose prompter weights have `sha256`."""
+def _pinned_weights(folder: str, sha256: str, where: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """(prompter state, prompter config, the bundle's mpp) of a bundle whose prompter weights
+    have `sha256`; `where` names the recipe key in errors."""
     from wsiseg.models.bundles import BundleError, open_bundle
 
     try:
         bundle = open_bundle(folder)
         component = bundle.component("prompter")
         if component.sha256 != sha256:
+            key = where.split()[0].replace("_bundle", "_sha256")
             raise TrainingError(
                 f"{where}: its prompter weights have sha256 {component.sha256}, the recipe asks for {sha256}; "
-                "train the recipe's starting model first (see the recipe's comments)"
+                f"if this is the bundle you mean, copy its sha256 (manifest.json: components.prompter.weights.sha256) "
+                f"into {key}; if the recipe names a model you have not trained yet, train it first (see the recipe's comments)"
             )
-        return bundle.load_weights("prompter"), dict(component.config)
+        return bundle.load_weights("prompter"), dict(component.config), float(bundle.manifest.mpp)
     except (BundleError, OSError, ValueError) as exc:
-        raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
+        raise TrainingError(f"{where}: cannot open it: {exc}") from exc
 
 
 def split_items(recipe: TinyRecipe) -> tuple[list[NucleusItem], list[NucleusItem]]:
@@ -381,8 +405,9 @@ def split_items(recipe: TinyRecipe) -> tuple[list[NucleusItem], list[NucleusItem
     same split as `wsiseg eval --split val --val-fraction F --seed S`), exclusions dropped."""
     from wsiseg.datasets import open_dataset
 
-    train = open_dataset(recipe.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed)
-    val = open_dataset(recipe.data, split="val", val_fraction=recipe.val_fraction, seed=recipe.seed)
+    mpp = recipe.data_mpp or None
+    train = open_dataset(recipe.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed, mpp=mpp)
+    val = open_dataset(recipe.data, split="val", val_fraction=recipe.val_fraction, seed=recipe.seed, mpp=mpp)
     keep = [i for i, name in enumerate(train.names) if name not in recipe.exclude]
     return [train[i] for i in keep], [val[i] for i in range(len(val))]
 
@@ -413,5 +438,5 @@ def _run_settings(recipe: TinyRecipe) -> dict[str, Any]:
     the model card only shape the exported bundle, so they may)."""
     inference = {"threshold", "prompt_source", "core_threshold", "score", "min_distance_px", "foreground_threshold",
                  "max_nucleus_diameter_px", "nms_radius_px", "k_negatives", "context_px", "inference_precision",
-                 "tile_px", "card", "name", "version", "validate_every", "data"}
+                 "tile_px", "card", "name", "version", "validate_every", "data", "data_mpp"}
     return {k: v for k, v in asdict(recipe).items() if k not in inference}
