@@ -344,9 +344,9 @@ def test_a_narrower_run_starts_from_the_slimmed_bundle_and_learns_from_its_teach
         TinyTask(_recipe(tmp_path, mpp=0.5, distill_weight=0.5, teacher_bundle=str(first), teacher_sha256=sha),
                  *split_items(recipe))
     # a start the slimming cannot make names the recipe keys to change
-    with pytest.raises(TrainingError, match=r"needs levels = 3 and base_channels <= 4 in the recipe \(it has 3 and 5\)"):
+    with pytest.raises(TrainingError, match=r"needs levels = 3 and base_channels <= 4 in the recipe \(the recipe has levels = 3, base_channels = 5\)"):
         TinyTask(_recipe(tmp_path, base_channels=5, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
-    with pytest.raises(TrainingError, match=r"needs levels = 3 .*\(it has 4 and 4\)"):
+    with pytest.raises(TrainingError, match=r"needs levels = 3 .*\(the recipe has levels = 4, base_channels = 4\)"):
         TinyTask(_recipe(tmp_path, levels=4, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
 
 

@@ -98,9 +98,11 @@ class TinyRecipe:
 
     def __post_init__(self) -> None:
         if bool(self.init_bundle) != bool(self.init_sha256):
-            raise ValueError("init_bundle and init_sha256 go together (the sha256 pins the starting weights)")
+            raise ValueError("init_bundle and init_sha256 go together (the sha256 pins the starting weights; it is in "
+                             "the bundle's manifest.json: components.prompter.weights.sha256)")
         if bool(self.teacher_bundle) != bool(self.teacher_sha256):
-            raise ValueError("teacher_bundle and teacher_sha256 go together (the sha256 pins the teacher's weights)")
+            raise ValueError("teacher_bundle and teacher_sha256 go together (the sha256 pins the teacher's weights; it is "
+                             "in the bundle's manifest.json: components.prompter.weights.sha256)")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_weight > 0 and not self.teacher_bundle:
@@ -199,12 +201,12 @@ class TinyTask:
         areas = np.array([lab.size for _, lab in self.images], np.float64)
         self.weights = areas / areas.sum()
         self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
+        self.teacher = load_teacher(recipe) if recipe.distill_weight > 0 else None  # checked first
         torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
         self.model = build_network({"levels": recipe.levels, "base_channels": recipe.base_channels})
         if recipe.init_bundle:
             load_initial_weights(self.model, recipe)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.teacher = load_teacher(recipe) if recipe.distill_weight > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         total = recipe.epochs * recipe.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -336,13 +338,14 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     where = f"init_bundle {recipe.init_bundle}"
     state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where)
     if abs(mpp - recipe.mpp) > 1e-6:
-        log.warning("%s works at %g µm/px and the recipe at %g: training adapts it to the recipe's", where, mpp, recipe.mpp)
+        log.warning("%s works at %g µm/px and the recipe at %g µm/px: training adapts it to the recipe's resolution",
+                    where, mpp, recipe.mpp)
     wide = UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=3)
     if wide.levels != recipe.levels or wide.base_channels < recipe.base_channels:
         raise TrainingError(
             f"{where}: its UNet has {wide.levels} levels and {wide.base_channels} base channels; a run started "
             f"from it needs levels = {wide.levels} and base_channels <= {wide.base_channels} in the recipe "
-            f"(it has {recipe.levels} and {recipe.base_channels})"
+            f"(the recipe has levels = {recipe.levels}, base_channels = {recipe.base_channels})"
         )
     try:
         if wide.base_channels != recipe.base_channels:
