@@ -55,11 +55,11 @@ def keep_freed_memory() -> bool:
     """
     if _done:
         return _done[0]
-    _done.append(_set_thresholds(MMAP_THRESHOLD_BYTES))
+    _done.append(_set_thresholds())
     return _done[0]
 
 
-def _set_thresholds(largest_block_bytes: int) -> bool:
+def _set_thresholds() -> bool:
     if os.environ.get(ENV_SWITCH, "1").strip() == "0" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -70,6 +70,6 @@ def _set_thresholds(largest_block_bytes: int) -> bool:
         return False
     gnu_get_libc_version.restype = ctypes.c_char_p
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = bool(mallopt(M_MMAP_THRESHOLD, largest_block_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * largest_block_bytes))
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES))
     log.debug("glibc %s: keep freed memory for reuse: %s", gnu_get_libc_version().decode(), ok)
     return ok
