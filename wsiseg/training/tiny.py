@@ -333,14 +333,15 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     """
     from wsiseg.models.prompters.point import load_state
     from wsiseg.models.prompters.unet import UNetConfig
+    from wsiseg.models.tiny.maps import network_config
     from wsiseg.training.slim import slim_unet_state
 
     where = f"init_bundle {recipe.init_bundle}"
-    state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where)
+    state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where, "init_sha256")
     if abs(mpp - recipe.mpp) > 1e-6:
         log.warning("%s works at %g µm/px and the recipe at %g µm/px: training adapts it to the recipe's resolution",
                     where, mpp, recipe.mpp)
-    wide = UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=3)
+    wide = network_config(config)
     if wide.levels != recipe.levels or wide.base_channels < recipe.base_channels:
         raise TrainingError(
             f"{where}: its UNet has {wide.levels} levels and {wide.base_channels} base channels; a run started "
@@ -349,7 +350,7 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
         )
     try:
         if wide.base_channels != recipe.base_channels:
-            narrow = UNetConfig(recipe.levels, recipe.base_channels, out_channels=3)
+            narrow = UNetConfig(recipe.levels, recipe.base_channels, out_channels=wide.out_channels)
             state = slim_unet_state(state, wide, narrow)
             log.info("%s: slimmed from %d to %d base channels", where, wide.base_channels, narrow.base_channels)
         load_state(model, state, where=where)
@@ -366,7 +367,7 @@ def load_teacher(recipe: TinyRecipe) -> Any:
     from wsiseg.models.tiny.maps import build_network
 
     where = f"teacher_bundle {recipe.teacher_bundle}"
-    state, config, mpp = _pinned_weights(recipe.teacher_bundle, recipe.teacher_sha256, where)
+    state, config, mpp = _pinned_weights(recipe.teacher_bundle, recipe.teacher_sha256, where, "teacher_sha256")
     if abs(mpp - recipe.mpp) > 1e-6:
         raise TrainingError(
             f"{where}: it works at {mpp} µm/px and the recipe at {recipe.mpp}; a teacher must see the crops at its "
@@ -383,20 +384,19 @@ def load_teacher(recipe: TinyRecipe) -> Any:
     return teacher
 
 
-def _pinned_weights(folder: str, sha256: str, where: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+def _pinned_weights(folder: str, sha256: str, where: str, sha_key: str) -> tuple[dict[str, Any], dict[str, Any], float]:
     """(prompter state, prompter config, the bundle's mpp) of a bundle whose prompter weights
-    have `sha256`; `where` names the recipe key in errors."""
+    have `sha256`; errors start with `where` and name the recipe key `sha_key` to correct."""
     from wsiseg.models.bundles import BundleError, open_bundle
 
     try:
         bundle = open_bundle(folder)
         component = bundle.component("prompter")
         if component.sha256 != sha256:
-            key = where.split()[0].replace("_bundle", "_sha256")
             raise TrainingError(
                 f"{where}: its prompter weights have sha256 {component.sha256}, the recipe asks for {sha256}; "
                 f"if this is the bundle you mean, copy its sha256 (manifest.json: components.prompter.weights.sha256) "
-                f"into {key}; if the recipe names a model you have not trained yet, train it first (see the recipe's comments)"
+                f"into {sha_key}; if the recipe names a model you have not trained yet, train it first (see the recipe's comments)"
             )
         return bundle.load_weights("prompter"), dict(component.config), float(bundle.manifest.mpp)
     except (BundleError, OSError, ValueError) as exc:

@@ -27,6 +27,8 @@ from wsiseg.models.prompters.point import (
 if TYPE_CHECKING:
     from torch import nn
 
+    from wsiseg.models.prompters.unet import UNetConfig
+
     from wsiseg.models.bundles import Bundle
 
 N_MAPS = 3
@@ -61,11 +63,18 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 DEFAULT_BATCH = {"cpu": 1, "cuda": 8}
 
 
-def build_network(config: dict[str, Any]) -> nn.Module:
-    """The UNet of a wsiseg-tiny component config ({"levels": 5, "base_channels": 16})."""
-    from wsiseg.models.prompters.unet import UNet, UNetConfig
+def network_config(config: dict[str, Any]) -> UNetConfig:
+    """The UNet shape of a wsiseg-tiny component config ({"levels": 5, "base_channels": 16})."""
+    from wsiseg.models.prompters.unet import UNetConfig
 
-    return UNet(UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=N_MAPS))
+    return UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=N_MAPS)
+
+
+def build_network(config: dict[str, Any]) -> nn.Module:
+    """The UNet of a wsiseg-tiny component config (`network_config`)."""
+    from wsiseg.models.prompters.unet import UNet
+
+    return UNet(network_config(config))
 
 
 class DenseMapNet:
