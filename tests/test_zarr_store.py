@@ -242,7 +242,16 @@ def test_interrupted_writes_are_never_complete_or_under_the_final_name(
             raise RuntimeError("boom")
     writer = ZarrWriter(final, slide=SLIDE, label_mpp=(0.25, 0.25))
     writer.write(table)
-    monkeypatch.setattr(ZarrWriter, "_write_labels", lambda self: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(ZarrWriter, "_write_labels", lambda self, *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+    # The table failing while the label raster is painted in its thread: that thread is waited
+    # for before the partial store is deleted, so nothing is left behind.
+    monkeypatch.undo()
+    writer = ZarrWriter(final, slide=SLIDE, label_mpp=(0.25, 0.25))
+    writer.write(table)
+    monkeypatch.setattr(ZarrWriter, "_write_objects", lambda self: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         writer.close()
     assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ import os
 import shutil
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -294,9 +295,15 @@ class ZarrWriter(StreamingWriter):
             self._spool.close()
             if self._measurements is None:
                 self._measurements = MEASUREMENTS
-            counts = self._write_objects()
-            if self.write_labels:
-                self._write_labels()
+            self._sort()
+            levels = self._create_labels() if self.write_labels else None
+            # the label raster is painted in a second thread while the table is written: its
+            # kernel and zarr's codecs release the GIL, and the run's other core is free by now
+            with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-labels") as pool:
+                painting = pool.submit(self._write_labels, levels) if levels is not None else None
+                counts = self._write_objects()
+                if painting is not None:
+                    painting.result()
             shutil.rmtree(self._spool.folder)
             self._provenance.update(jsonable(dict(extra_attributes or {})))
             self._provenance["counts"] = {**self._provenance.get("counts", {}), **counts}
@@ -353,7 +360,8 @@ class ZarrWriter(StreamingWriter):
             name, shape=shape, dtype=dtype, chunks=(chunk_rows, *tail), shards=(shard_rows, *tail)
         )
 
-    def _write_objects(self) -> dict[str, int]:
+    def _sort(self) -> None:
+        """The tile-major row order, the rows of every tile and the largest object extent."""
         sp, n = self._spool, self._n
         centroid, bbox = sp.load("centroid"), sp.load("bbox")
         keys = np.concatenate(
@@ -371,7 +379,11 @@ class ZarrWriter(StreamingWriter):
             size = np.concatenate([b[:, 2:] - b[:, :2], b[:, 2:] - c, c - b[:, :2]], axis=1)
             extent = max(extent, float(np.nanmax(size)) if len(size) else 0.0)
         self._extent = extent
+        self._tile_offsets = tile_offsets
 
+    def _write_objects(self) -> dict[str, int]:
+        sp, n, order = self._spool, self._n, self._order
+        n_tx, n_ty = self._grid()
         objects = self._root.create_group("objects")
         columns: list[tuple[str, np.ndarray | None, str, tuple[int, ...]]] = [("label_id", None, "u4", ())]
         columns += [(k, sp.load(k), dt, shp) for k, (dt, shp) in _OBJECT_COLUMNS.items()]
@@ -382,6 +394,7 @@ class ZarrWriter(StreamingWriter):
                 idx = order[s : s + ROW_CHUNK]
                 arr[s : s + len(idx)] = (idx + 1).astype(np.uint32) if source is None else source[idx]
         self._write_ragged(objects)
+        tile_offsets = self._tile_offsets
         tiles = objects.create_array("tile_offsets", shape=tile_offsets.shape, dtype="i8", chunks=tile_offsets.shape)
         tiles[:] = tile_offsets
         objects.attrs["wsiseg_objects"] = {
@@ -391,7 +404,7 @@ class ZarrWriter(StreamingWriter):
             "tile_size": self.tile_size_l0,
             "n_tiles_x": n_tx,
             "n_tiles_y": n_ty,
-            "max_object_extent": extent,
+            "max_object_extent": self._extent,
             "sort": "tile-major by centroid (t = ty * n_tiles_x + tx), then label_id",
             "measurements": list(self._measurements or ()),
             "classes": self._provenance["classes"],
@@ -434,15 +447,18 @@ class ZarrWriter(StreamingWriter):
             self._spool.load(k) for k in ("ring_start", "n_rings", "coord_start", "n_coords", "ring_len", "coords")
         )
 
-    def _write_labels(self) -> None:
-        """Paint level 0 one shard at a time (at most 16384 polygons per pass) and subsample it into every level."""
+    def _create_labels(self) -> list[Any]:
+        """The empty label pyramid's level arrays."""
         assert self.label_mpp is not None
-        shape = (self.slide["height"], self.slide["width"])
         labels = self._root.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["nuclei"]}})
-        levels = create_label_pyramid(labels, "nuclei", shape, self.label_mpp)
+        return create_label_pyramid(labels, "nuclei", (self.slide["height"], self.slide["width"]), self.label_mpp)
+
+    def _write_labels(self, levels: Sequence[Any]) -> None:
+        """Paint level 0 one shard at a time (at most 16384 polygons per pass) and subsample it into every level."""
+        shape = (self.slide["height"], self.slide["width"])
         bbox = self._spool.load("bbox")
         ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
-        tile_offsets = np.asarray(self._root["objects/tile_offsets"][:])
+        tile_offsets = self._tile_offsets
         n_tx, n_ty = self._grid()
         for y0, y1, x0, x1 in iter_shards(shape, label_grid(shape)[1]):
             box = (x0, y0, x1, y1)
