@@ -23,7 +23,8 @@ Layout of ``<stem>.zarr`` (all coordinates level-0 px, OpenSlide frame, pixel ed
 
 Writing streams: `ZarrWriter.write` appends each batch to raw spool files inside ``<stem>.zarr.partial-<hex>``;
 `close` sorts by tile (only N int64 keys in memory), gathers rows block by block from memory-mapped spools,
-paints the label raster one shard at a time, marks the store complete and renames it onto the final name.
+paints the label raster one shard at a time (in a second thread while the table is written), marks the
+store complete and renames it onto the final name.
 """
 
 from __future__ import annotations
