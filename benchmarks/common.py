@@ -93,6 +93,8 @@ def pipeline_figures(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "stage_s": timings,
         "task_s": task,
         "model_fraction_of_wall": report["model_fraction_of_wall"],
+        # the arithmetic the network ran at ("fp32"/"bf16"; None: a model without one)
+        "precision": report["model"].get("precision"),
         "stitch_write_nuclei_per_s_per_core": round(counts["nuclei"] / max(post_write_cpu, 1e-9), 1),
         "stitch_write_nuclei_per_s_wall": round(counts["nuclei"] / max(post_write, 1e-9), 1),
     }

@@ -67,7 +67,7 @@ def child(slide: Path, out: Path, args: argparse.Namespace, workers: int) -> dic
     sched = SchedulerConfig(scheduler="synchronous") if workers == 0 else SchedulerConfig(workers=workers)
     config = RunConfig(
         model=args.model, prompter=args.prompter, tile_size_px=args.tile_size, overlap_px=args.overlap, scheduler=sched,
-        batch_tiles=args.batch_tiles, device=args.device, tta=args.tta,
+        batch_tiles=args.batch_tiles, device=args.device, tta=args.tta, precision=args.precision,
     )
     t = time.perf_counter()
     result = run_slide(slide, out, config)
@@ -90,6 +90,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for the throughput run (0: skip)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (wsiseg-tiny-type models; wsiseg run --tta)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="network arithmetic (wsiseg-tiny-type models; wsiseg run --precision; default: the model's)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--child", nargs=3, metavar=("SLIDE", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,6 +111,7 @@ def main() -> None:
         "prompter": args.prompter,
         "tile_size": args.tile_size,
         "tta": args.tta,
+        "precision": args.precision,
         "runs": [],
     }
     for size in args.sizes:
@@ -126,6 +129,7 @@ def main() -> None:
                    *(["--prompter", args.prompter] if args.prompter else []),
                    "--overlap", str(args.overlap), "--batch-tiles", str(args.batch_tiles), "--device", args.device,
                    *(["--tta"] if args.tta else []),
+                   *(["--precision", args.precision] if args.precision else []),
                    "--child", str(slide), str(args.out / f"run-{size}-{workers}"), str(workers)]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             entry["synchronous" if workers == 0 else f"dask_{workers}_workers"] = json.loads(

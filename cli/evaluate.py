@@ -37,6 +37,9 @@ _HEADERS = {"f1_detection": "f1"}
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation for MODEL (not the --compare models): maps averaged over flips "
                    "(4 network passes a tile, about 3x the time).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Arithmetic of MODEL's network (not the --compare models'), as `wsiseg run --precision` "
+                   "(default: the model's own).")
 @click.option("--min-score", type=float, default=None,
               help="Drop prompts scoring below this, for every model (0 <= S < 1; default: each model's own).")
 @click.option("--tissue-detection", is_flag=True, help="Detect tissue first (off: dataset images are tissue crops).")
@@ -83,6 +86,7 @@ def _config(model: str, kw: dict[str, Any]) -> Any:
         overlap_px=kw["overlap"],
         tissue_detection=kw["tissue_detection"],
         tta=kw["tta"],
+        precision=kw["precision"],
         min_score=kw["min_score"],
         device=kw["device"],
         scheduler=SchedulerConfig(scheduler=kw["scheduler"], workers=kw["workers"]),
@@ -123,7 +127,8 @@ def _evaluate(models: list[str], dataset: Any, config: Any, kw: dict[str, Any], 
     reports = []
     for i, model in enumerate(models):
         label = model_label(model) if len(models) > 1 else None
-        model_config = config if i == 0 else replace(config, tta=False)  # --tta is MODEL's, not --compare's
+        # --tta and --precision are MODEL's, not --compare's
+        model_config = config if i == 0 else replace(config, tta=False, precision=None)
 
         def progress(image: str, done: int, total: int, label: str = model_label(model)) -> None:
             if not quiet:

@@ -160,3 +160,11 @@ def test_rerun_of_a_finished_run_starts_no_dask_cluster(svs_slide: Path, tmp_pat
     events = [json.loads(line) for line in log.read_text().splitlines()]
     second = events[next(i for i, e in enumerate(events[1:], 1) if e["event"] == "run_start"):]
     assert [e["event"] for e in second] == ["run_start", "slide_skipped", "run_end"]
+
+
+def test_precision_with_a_model_without_a_network_is_a_usage_error(svs_slide: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(tmp_path), "--model", "classical",
+                                       "--precision", "fp32", "--scheduler", "synchronous"])
+    assert result.exit_code == 2  # refused before any slide is read
+    assert "--precision" in result.output and "'classical'" in result.output
+    assert not list(tmp_path.glob("*.geojson*"))

@@ -489,3 +489,77 @@ def test_tta_applies_to_wsiseg_tiny_models_and_is_refused_for_others_with_the_op
     # a tiny segmentor paired with a prompter that has no flips: only the segmentor takes them
     _, classical_prompter, tiny_segmentor = load_run_models(RunConfig(model="wsiseg-tiny", prompter="classical", tta=True))
     assert tiny_segmentor.net.settings.tta and not hasattr(classical_prompter, "net")  # type: ignore[union-attr]
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import wsiseg.models.tiny.maps as maps
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert {"avx2", "avx512_bf16"} <= maps.cpu_flags(cpuinfo)
+    assert maps.cpu_flags(tmp_path / "absent") == frozenset()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(maps, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2 CPU: bf16 emulated, slow
+    assert maps.resolve_precision("auto", cpu) == "fp32"
+    assert maps.resolve_precision("bf16", cpu) == "bf16"  # asked for by name: given
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(maps, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        assert maps.resolve_precision("auto", cpu) == "bf16"
+        assert maps.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        maps.resolve_precision("fp16", cpu)
+
+
+def test_bf16_maps_are_close_to_fp32_ones_and_keyed_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import wsiseg.models.tiny.maps as maps
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+
+    torch.manual_seed(2)
+    net = UNet(UNetConfig(3, 4, 3)).eval()
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    fp32 = maps.DenseMapNet(net, settings=maps.MapSettings(precision="fp32"), weights_sha256="ab")
+    bf16 = maps.DenseMapNet(net, settings=maps.MapSettings(precision="bf16"), weights_sha256="ab")
+    monkeypatch.setattr(maps, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    auto = maps.DenseMapNet(net, settings=maps.MapSettings(precision="auto"), weights_sha256="ab")
+    assert (fp32.precision, bf16.precision, auto.precision) == ("fp32", "bf16", "bf16")
+    want, got = fp32.predict_maps(tiles), bf16.predict_maps(tiles)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert 0 < np.abs(got - want).max() < 0.05  # bf16 arithmetic ran, and gave nearly the same maps
+    np.testing.assert_array_equal(auto.predict_maps(tiles), got)
+    assert fp32.map_key != bf16.map_key == auto.map_key  # a map store never mixes the two precisions
+
+
+def test_precision_reaches_both_networks_is_recorded_and_refused_for_models_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from wsiseg.map_store import shares_maps
+    from wsiseg.models import load_prompter, load_segmentor
+    from wsiseg.models.cache import resolve_model
+    from wsiseg.pipeline import RunConfig, load_run_models
+
+    for precision in ("fp32", "bf16"):
+        _, prompter, segmentor = load_run_models(RunConfig(model="wsiseg-tiny", precision=precision))
+        assert segmentor.precision == prompter.precision == precision  # type: ignore[union-attr]
+        assert shares_maps(prompter, segmentor)
+    with pytest.raises(ValueError, match="--precision .* model 'classical' has no such segmentor"):
+        load_segmentor("classical", precision="fp32")
+    with pytest.raises(ValueError, match="--precision .* model 'classical' has no such prompter"):
+        load_prompter("classical", precision="fp32")
+    with pytest.raises(ValueError, match="--precision must be auto, fp32 or bf16"):
+        RunConfig(precision="fp16")
+    # a bundle naming an unknown precision fails naming the bundle
+    bundle = tmp_path / "bad"
+    bundle.mkdir()
+    source = resolve_model("wsiseg-tiny")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["components"]["segmentor"]["config"]["precision"] = "fp16"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "network.safetensors").symlink_to(source / "network.safetensors")
+    with pytest.raises(ValueError, match=f"bundle {bundle}.*precision must be one of auto, fp32, bf16, got 'fp16'"):
+        load_segmentor(bundle)

@@ -74,6 +74,8 @@ class RunConfig:
     min_score: float | None = None
     #: test-time augmentation: a dense-map model's maps averaged over each tile's flips (4 network passes a tile)
     tta: bool = False
+    #: a dense-map model's arithmetic: "auto" (bf16 where the hardware has it), "fp32", "bf16"; None: the model's own
+    precision: str | None = None
     batch_tiles: int = 8
     #: a tile the file cannot decode: "fail" (one line naming it) or "skip" (background, listed in the report)
     on_bad_tile: BadTilePolicy = "fail"
@@ -103,6 +105,8 @@ class RunConfig:
             raise ValueError(f"--points-per-tile must be >= 1, got {self.points_per_tile}")
         if self.min_score is not None and not 0 <= self.min_score < 1:
             raise ValueError(f"--min-score must be in [0, 1), got {self.min_score}")
+        if self.precision not in (None, "auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.k_negatives is not None and self.k_negatives < 0:
             raise ValueError(f"--k-negatives must be >= 0, got {self.k_negatives}")
 
@@ -136,7 +140,8 @@ def load_run_models(config: RunConfig) -> tuple[ModelSpec, Prompter | None, Segm
     --model, a --device without CUDA or an option the model does not take fails once, up front.
     Raises ValueError (BundleError, ModelNotFoundError) with one line naming the option."""
     model_spec = ModelSpec(
-        config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config), config.tta
+        config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config), config.tta,
+        config.precision,
     )
     prompter, segmentor = model_spec.load()
     if prompter is None and config.prompts_file is None:

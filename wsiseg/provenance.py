@@ -70,6 +70,8 @@ def build_provenance(
             "prompter_sha256": model_sha256(config.prompter),
             "mpp": segmentor.mpp,
             "working_scale": scale,
+            # the arithmetic a dense-map network ran at ("fp32"/"bf16"), None for other models
+            "precision": getattr(segmentor, "precision", None),
         },
         "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
         "parameters": config.parameters(),
@@ -102,6 +104,8 @@ def build_report(
             "prompter": getattr(prompter, "name", None) if prompter else "file",
             "mpp": segmentor.mpp,
             "working_scale": scale,
+            # the arithmetic a dense-map network ran at ("fp32"/"bf16"), None for other models
+            "precision": getattr(segmentor, "precision", None),
             # the score a prompt needed: --min-score, else the prompter's own threshold (None: none)
             "min_score": config.min_score if config.min_score is not None else getattr(prompter, "min_score", None),
         },

@@ -45,6 +45,8 @@ class ModelSpec:
     prompter_options: tuple[tuple[str, Any], ...] = ()
     #: test-time augmentation (--tta): for the segmentor, and for the prompter where it takes it
     tta: bool = False
+    #: --precision of a dense-map network (None: the bundle's own): as tta
+    precision: str | None = None
 
     def load(self) -> tuple[Prompter | None, Segmentor]:
         key = ("models", self)
@@ -71,13 +73,15 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
 
     if spec.model != "classical" or (spec.prompter or "classical") != "classical":
         keep_freed_memory()  # a network's tile after tile the same large tensors: reuse them (wsiseg.allocator)
-    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta)
+    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta,
+                               precision=spec.precision)
     prompter_name = spec.prompter or spec.model
     if spec.prompter is None and not _has_prompter(spec.model):
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
     options = dict(spec.prompter_options)
-    if spec.tta and takes_tta(prompter_name, "prompter"):
-        options["tta"] = True
+    if (spec.tta or spec.precision is not None) and takes_tta(prompter_name, "prompter"):
+        options.update({"tta": True} if spec.tta else {})
+        options.update({"precision": spec.precision} if spec.precision is not None else {})
     prompter = load_prompter(prompter_name, device=spec.device, **options)
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
         from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor

@@ -100,12 +100,15 @@ def takes_tta(path_or_name: str | os.PathLike[str], role: str) -> bool:
     return bundle.has(role) and bundle.component(role).architecture in TTA_ARCHITECTURES
 
 
-def _require_tta(name: str | os.PathLike[str], target: Any, role: str) -> None:
+def _require_tta(name: str | os.PathLike[str], target: Any, role: str, option: str = "--tta") -> None:
+    """ValueError unless the model's `role` component is a dense-map network (`takes_tta`), the
+    only kind that takes --tta and --precision."""
     if not takes_tta(target, role):
-        raise ValueError(
-            f"--tta averages the dense maps of a wsiseg-tiny-type network over flips; model {str(name)!r} "
-            f"has no such {role}: run it without --tta"
-        )
+        what = {
+            "--tta": "averages the dense maps of a wsiseg-tiny-type network over flips",
+            "--precision": "sets the arithmetic of a wsiseg-tiny-type network",
+        }[option]
+        raise ValueError(f"{option} {what}; model {str(name)!r} has no such {role}: run it without {option}")
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)
@@ -123,13 +126,16 @@ def load_segmentor(
     device: str = "cpu",
     k_negatives: int | None = None,
     tta: bool = False,
+    precision: str | None = None,
 ) -> Segmentor:
     """The segmentor of a bundle (folder, .zip or cached name), of "classical", or of a raw
     SAM .pth checkpoint (official or PromptNucSeg).
 
     input_size: tile px the model runs at (None: the bundle's); k_negatives: negatives per
     prompt (None: the bundle's); device: "cpu", "cuda" or "auto" (ignored by "classical");
-    tta: test-time augmentation, for the architectures in `TTA_ARCHITECTURES` (ValueError for others).
+    tta: test-time augmentation, for the architectures in `TTA_ARCHITECTURES` (ValueError for others);
+    precision: "auto", "fp32" or "bf16" for those architectures (None: the bundle's own;
+    `wsiseg.models.tiny.maps.resolve_precision`; ValueError for others).
     """
     from wsiseg.models.bundles import open_bundle
     from wsiseg.models.cache import resolve_model
@@ -137,6 +143,8 @@ def load_segmentor(
     target = resolve_model(path_or_name)
     if tta:  # only a bundle's tiny segmentor takes it: the branches below for others are not reached
         _require_tta(path_or_name, target, "segmentor")
+    if precision is not None:
+        _require_tta(path_or_name, target, "segmentor", "--precision")
     if target == "classical":
         from wsiseg.models.classical import ClassicalSegmentor
 
@@ -148,7 +156,9 @@ def load_segmentor(
         return SamSegmentor.from_checkpoint(target, device=device, **options)  # type: ignore[no-any-return]
     bundle = open_bundle(target)
     cls = _builder(SEGMENTOR_BUILDERS, bundle.component("segmentor").architecture)
-    extra = {"tta": True} if tta else {}
+    extra: dict[str, Any] = {"tta": True} if tta else {}
+    if precision is not None:
+        extra["precision"] = precision
     return cls.from_bundle(  # type: ignore[no-any-return]
         bundle, input_size=input_size, device=device, k_negatives=k_negatives, **extra
     )
@@ -157,9 +167,9 @@ def load_segmentor(
 def load_prompter(path_or_name: str | os.PathLike[str], *, device: str = "cpu", **options: Any) -> Prompter:
     """The prompter of a bundle (folder, .zip or cached name) or of "classical".
 
-    options: passed to the model's builder (e.g. selection= for "unet_prompter", tta=True for
-    the architectures in `TTA_ARCHITECTURES` (ValueError for others); the ClassicalPrompter's
-    parameters for "classical").
+    options: passed to the model's builder (e.g. selection= for "unet_prompter", tta=True or
+    precision= for the architectures in `TTA_ARCHITECTURES` (ValueError for others); the
+    ClassicalPrompter's parameters for "classical").
     """
     from wsiseg.models.bundles import BundleError, open_bundle
     from wsiseg.models.cache import resolve_model
@@ -167,6 +177,8 @@ def load_prompter(path_or_name: str | os.PathLike[str], *, device: str = "cpu", 
     target = resolve_model(path_or_name)
     if options.get("tta"):
         _require_tta(path_or_name, target, "prompter")
+    if options.get("precision") is not None:
+        _require_tta(path_or_name, target, "prompter", "--precision")
     if target == "classical":
         from wsiseg.models.classical import ClassicalPrompter
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.datasets.item import NucleusItem
+from wsiseg.models.tiny.maps import PRECISIONS
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
 from wsiseg.training.targets import dense_targets
@@ -80,6 +81,7 @@ class TinyRecipe:
     k_negatives: int = 8
     context_px: int = 48
     tile_px: int = 512
+    #: the exported bundle's precision: "auto" (bf16 where the hardware has it), "fp32" or "bf16"
     inference_precision: str = "fp32"
     #: start from this bundle's prompter weights (a folder; relative paths are relative to the
     #: TOML file) instead of random ones; `init_sha256` must name those weights' sha256
@@ -113,8 +115,10 @@ class TinyRecipe:
             raise ValueError(f"data_mpp must be > 0 (or 0: none), got {self.data_mpp}")
         if self.crop_px % (2 ** (self.levels - 1)):
             raise ValueError(f"crop_px {self.crop_px} must be a multiple of {2 ** (self.levels - 1)}")
-        if self.precision not in ("fp32", "bf16") or self.inference_precision not in ("fp32", "bf16"):
-            raise ValueError("precision and inference_precision must be 'fp32' or 'bf16'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.inference_precision not in PRECISIONS:
+            raise ValueError(f"inference_precision must be one of {', '.join(PRECISIONS)}, got {self.inference_precision!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.lr <= 0:

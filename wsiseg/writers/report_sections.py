@@ -49,6 +49,7 @@ PARAMETER_LABELS: dict[str, tuple[str, str | None]] = {
     "points_per_tile": ("Points per tile", "model default"),
     "min_score": ("Minimum score", "model default"),
     "tta": ("Test-time augmentation (maps averaged over flips)", None),
+    "precision": ("Network arithmetic (--precision)", "model default"),
     "batch_tiles": ("Tiles per batch", None),
     "on_bad_tile": ("Tiles the file cannot decode", None),
 }
@@ -165,7 +166,7 @@ def parameters_table(
             text = unset
             if key == "tile_size_px" and isinstance(counts.get("tile_px"), int):
                 text = f"{unset} ({counts['tile_px']:,})"
-            elif isinstance(defaults.get(key), (int, float)) and not isinstance(defaults.get(key), bool):
+            elif isinstance(defaults.get(key), (int, float, str)) and not isinstance(defaults.get(key), bool):
                 text = f"{unset} ({fmt(defaults[key])})"
         elif key == "on_bad_tile":
             text = _BAD_TILE_WORDS.get(str(value), str(value))

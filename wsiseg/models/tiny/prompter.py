@@ -152,6 +152,11 @@ class TinyPrompter:
         """Identifies the maps (network weights, precision, tta); None when unknown."""
         return self.net.map_key
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic the network runs at: "fp32" or "bf16" ("auto" resolved for this device)."""
+        return self.net.precision
+
     @classmethod
     def from_bundle(
         cls, bundle: Bundle | str | Path, *, device: str = "cpu", min_score: float | None = None,
