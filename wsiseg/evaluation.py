@@ -68,9 +68,12 @@ class EvalReport:
     mean: dict[str, Any]
     overlays: list[Path] = field(default_factory=list)
     runs_dir: Path | None = None
+    #: the arithmetic the model's network ran at ("fp32"/"bf16", from the first run's provenance; None: no network)
+    precision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: model, label, sha256s, dataset, split, parameters, per_image, mean (NaN -> None)."""
+        """JSON-ready: model, label, sha256s, precision, dataset, split, parameters, per_image, mean
+        (NaN -> None)."""
         from wsiseg.writers.report import jsonable
 
         return jsonable({
@@ -78,6 +81,7 @@ class EvalReport:
             "label": self.label,
             "model_sha256": self.model_sha256,
             "prompter_sha256": self.prompter_sha256,
+            "precision": self.precision,
             "dataset": self.dataset,
             "split": self.split,
             "parameters": self.parameters,
@@ -237,7 +241,7 @@ def evaluate(
     per_image: list[dict[str, Any]] = []
     scores_list: list[Any] = []
     overlay_paths: list[Path] = []
-    sha: tuple[str | None, str | None] = (None, None)
+    sha: tuple[str | None, str | None, str | None] = (None, None, None)
     seen: set[str] = set()
     splits: set[str | None] = set()
     models = (base.model, base.prompter)
@@ -253,7 +257,7 @@ def evaluate(
                 row, scores, prediction, zarr_path = _run_and_score(item, work, replace(base, mpp=item.mpp),
                                                                     runner, radius_um)
                 if index == 0:
-                    sha = _model_sha256(zarr_path)
+                    sha = _model_record(zarr_path)
                 per_image.append(row)
                 scores_list.append(scores)
                 if overlays:
@@ -281,6 +285,7 @@ def evaluate(
         label=label or model_label(model),
         model_sha256=sha[0],
         prompter_sha256=sha[1],
+        precision=sha[2],
         dataset=dataset_name if dataset_name is not None else _dataset_attribute(dataset, "name", "root"),
         split=split if split is not None else _split_of(splits),
         parameters=parameters,
@@ -334,12 +339,13 @@ def _row(item: NucleusItem, scores: dict[str, Any], elapsed: float) -> dict[str,
     return row
 
 
-def _model_sha256(zarr_path: Path) -> tuple[str | None, str | None]:
-    """(model sha256, prompter sha256) from the run's provenance (None for the built-in model)."""
+def _model_record(zarr_path: Path) -> tuple[str | None, str | None, str | None]:
+    """(model sha256, prompter sha256, network precision) from the run's provenance (None where
+    it records none)."""
     from wsiseg.writers.zarr_store import open_nuclei
 
     model = open_nuclei(zarr_path).attrs.get("model", {})
-    return model.get("sha256"), model.get("prompter_sha256")
+    return model.get("sha256"), model.get("prompter_sha256"), model.get("precision")
 
 
 def _forget_slide(path: Path) -> None:
