@@ -21,7 +21,8 @@ once, then one child process runs the steps in order, each capped to a fixed amo
 - pipeline steps: `run_slide` on a square of the region with `SchedulerConfig(gpus=1)` (and 2
   when two GPUs are visible), after a small warm-up run on the same Dask cluster.  SAM runs
   from a bundle written on the fly (untrained ViT-B segmentor, wsiseg-tiny's prompter network,
-  0.25 µm/px).  Precision is each model's default (wsiseg-tiny fp32, SAM bf16 on CUDA).
+  0.25 µm/px).  Precision is each model's default (wsiseg-tiny "auto": bf16 on a GPU that
+  supports it; SAM bf16 on CUDA).
 
 Per step: tiles/s, nuclei/s, GPU busy fraction (CUDA events around the model calls for model
 steps, NVML utilisation for pipeline steps), peak GPU memory, and the time projected for a
@@ -163,7 +164,9 @@ def plan_steps(device: str, n_gpus: int, s: Settings) -> list[dict[str, Any]]:
             steps.append({**step, "estimate_s": ESTIMATE_S["compile" if mode == "compile" else kind, family]})
 
     first_gpus = 1 if device == "cuda" else 0  # 0: the synchronous scheduler, in-process
-    no_bf16 = None if device == "cuda" else "bf16 autocast is measured on CUDA only (most CPUs emulate it, slowly)"
+    no_bf16 = None if device == "cuda" else (
+        "bf16 autocast is measured on CUDA only (CPUs without AVX512-BF16 or AMX emulate it, slowly)"
+    )
     for model in models:
         add("model", model, mode="fp32")
         add("model", model, mode="bf16", reason=no_bf16)

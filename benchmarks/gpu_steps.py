@@ -207,7 +207,7 @@ class TinyNetworks:
         return _slide_tiles(self.ctx.settings, self.mpp, self.tile_px, overlap_px=overlap)
 
     def details(self) -> dict[str, Any]:
-        return {"precision": self.prompter.net.settings.precision}
+        return {"precision": self.prompter.net.precision}
 
 
 class SamNetwork:
