@@ -21,8 +21,8 @@ once, then one child process runs the steps in order, each capped to a fixed amo
 - pipeline steps: `run_slide` on a square of the region with `SchedulerConfig(gpus=1)` (and 2
   when two GPUs are visible), after a small warm-up run on the same Dask cluster.  SAM runs
   from a bundle written on the fly (untrained ViT-B segmentor, wsiseg-tiny's prompter network,
-  0.25 µm/px).  Precision is each model's default (wsiseg-tiny "auto": bf16 on a GPU that
-  supports it; SAM bf16 on CUDA).
+  0.25 µm/px).  Precision is each model's default (wsiseg-tiny "auto": bf16 on a GPU of
+  compute capability 8.0 or later; SAM bf16 on CUDA).
 
 Per step: tiles/s, nuclei/s, GPU busy fraction (CUDA events around the model calls for model
 steps, NVML utilisation for pipeline steps), peak GPU memory, and the time projected for a

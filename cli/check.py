@@ -21,10 +21,12 @@ _COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj"
               help="auto: CUDA when a GPU is present, else the CPU (as `wsiseg run`).")
 @click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px for slides that lack it.")
 @click.option("--tta", is_flag=True, help="Estimate a run with test-time augmentation (wsiseg run --tta).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Estimate a run at this network arithmetic (wsiseg run --precision; default: the model's own).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list (one object per slide) instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details to the terminal.")
-def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | None, tta: bool, as_json: bool,
-                  verbose: bool) -> None:
+def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | None, tta: bool,
+                  precision: str | None, as_json: bool, verbose: bool) -> None:
     """Open every slide of PATHS (files, folders, manifest .csv files), sample the pipeline on
     its tissue and estimate tiles, nuclei, time and memory.  Exit code 1 when any slide is
     unusable, 2 for bad arguments."""
@@ -49,7 +51,7 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
         _fail(f"no slides found in {', '.join(paths)}", None)
         sys.exit(2)
     try:
-        loaded = load_model(CheckConfig(model=model, device=device, mpp=mpp, tta=tta))
+        loaded = load_model(CheckConfig(model=model, device=device, mpp=mpp, tta=tta, precision=precision))
     except Exception as exc:  # noqa: BLE001 - whatever stops the model loading, the fix is an option (as run)
         _fail(str(exc) or f"--model {model}: {type(exc).__name__}", None)
         sys.exit(2)

@@ -69,6 +69,9 @@ def eval_command(model: str, compare: tuple[str, ...], **kw: Any) -> None:
         config = _config(model, kw)
         dataset = _open_dataset(kw)
         models = _check_models([model, *compare])
+        from wsiseg.models import check_network_options
+
+        check_network_options(model, kw["prompter"], tta=kw["tta"], precision=kw["precision"])
     except (ValueError, OSError) as exc:
         _fail(" ".join(str(exc).split()), None)
         sys.exit(2)

@@ -165,8 +165,8 @@ def _run_options(f: Any) -> Any:
                      "AJI, Dice and F1 unchanged or slightly lower (docs/models.md)."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
                      help="Arithmetic of a wsiseg-tiny-type network (default: the model's own; wsiseg-tiny: auto, "
-                     "bf16 where the CPU or GPU computes it in hardware, else fp32). fp32 gives the same nuclei "
-                     "on every machine."),
+                     "bf16 where the CPU or GPU computes it in hardware, else fp32; resolved where the run starts). "
+                     "fp32 does not depend on the hardware's bf16 support."),
         click.option("--on-bad-tile", "on_bad_tile", type=click.Choice(["fail", "skip"]), default="fail",
                      show_default=True, help="A tile the slide file cannot decode: fail (that slide fails, naming "
                      "the tile) or skip (paint it as background and list it in the report)."),

@@ -127,6 +127,10 @@ def info_command(model: str, as_json: bool) -> None:
     prompter = info["components"].get("prompter", {})
     if prompter.get("architecture") == "tiny_prompter" and "threshold" in prompter.get("config", {}):
         click.echo(f"  score threshold (the default --min-score): {prompter['config']['threshold']:g}")
+    networks = [c for c in info["components"].values() if c.get("architecture") in ("tiny_prompter", "tiny_segmentor")]
+    if networks:
+        precision = networks[0].get("config", {}).get("precision", "fp32")
+        click.echo(f"  network precision (the default --precision): {precision}")
     click.echo(f"  bundle sha256: {info['bundle_sha256']}")
     if "source" in info:
         click.echo(f"  pulled from: {info['source'].get('url')}")

@@ -174,3 +174,12 @@ def test_tta_is_estimated_with_the_models_a_tta_run_loads_and_refused_where_a_ru
     assert loaded.segmentor.net.settings.tta and loaded.prompter.net.settings.tta
     refused = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--tta"])
     assert refused.exit_code == 2 and "--tta" in refused.output
+
+
+def test_precision_is_estimated_with_the_network_a_run_loads_and_refused_where_a_run_refuses_it(svs_slide: Path) -> None:
+    from wsiseg.preflight import CheckConfig, load_model
+
+    loaded = load_model(CheckConfig(model="wsiseg-tiny", device="cpu", precision="fp32"))
+    assert loaded.segmentor.precision == loaded.prompter.precision == "fp32"
+    refused = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--precision", "bf16"])
+    assert refused.exit_code == 2 and "--precision" in refused.output

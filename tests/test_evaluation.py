@@ -105,7 +105,7 @@ def test_eval_writes_csv_and_json_with_the_table_columns(classical_eval: tuple[P
     assert tuple(rows[0])[: len(TABLE_COLUMNS)] == TABLE_COLUMNS
     assert [r["name"] for r in rows] == [*SPECS, "mean"]
     assert float(rows[-1]["pq"]) == pytest.approx(np.mean([float(r["pq"]) for r in rows[:-1]]))
-    assert report["model"] == "classical" and report["model_sha256"] is None and report["precision"] is None
+    assert report["model"] == "classical" and report["model_sha256"] is None and report["network_precision"] is None
     assert report["split"] == "all" and report["dataset"]
     assert report["parameters"]["tissue_detection"] is False and report["parameters"]["model"] == "classical"
     assert 0.0 < report["mean"]["pq"] <= 1.0 and report["mean"]["n_images"] == 2
@@ -206,5 +206,8 @@ def test_eval_precision_is_models_only_and_recorded(pairs_dir: Path, tmp_path: P
                                        "--data", str(pairs_dir), "--mpp", str(MPP), "-o", str(out), "--no-overlays", *SYNC])
     assert result.exit_code == 0, result.output
     tiny, classical = json.loads((out / "eval.json").read_text())["models"]
-    assert tiny["precision"] == "bf16" and tiny["parameters"]["precision"] == "bf16"
-    assert classical["precision"] is None and classical["parameters"]["precision"] is None  # --compare: its own
+    assert tiny["network_precision"] == "bf16" and tiny["parameters"]["precision"] == "bf16"
+    assert classical["network_precision"] is None and classical["parameters"]["precision"] is None  # its own
+    refused = CliRunner().invoke(main, ["eval", "--model", "classical", "--precision", "fp32", "--data", str(pairs_dir),
+                                        "--mpp", str(MPP), "-o", str(tmp_path / "refused"), *SYNC])
+    assert refused.exit_code == 2 and "--precision" in refused.output  # a usage error, before any image runs

@@ -286,6 +286,18 @@ def test_page_states_provenance_and_parameters_cleanly(tmp_path: Path, store: Nu
     assert "read as background and listed (skip)" in text
 
 
+def test_page_names_the_precision_the_network_ran_at(tmp_path: Path, store: NucleiStore) -> None:
+    report = sample_report()
+    report["model"] = {**report["model"], "precision": "bf16"}
+    unset = write_page(tmp_path / "unset", store, {**report, "parameters": {**report["parameters"], "precision": None}})
+    assert "Network arithmetic (--precision) model default (bf16)" in unset.visible
+    auto = write_page(tmp_path / "auto", store, {**report, "parameters": {**report["parameters"], "precision": "auto"}})
+    assert "Network arithmetic (--precision) auto (bf16)" in auto.visible
+    named = write_page(tmp_path / "fp32", store, {**report, "parameters": {**report["parameters"], "precision": "fp32"},
+                                                  "model": {**report["model"], "precision": "fp32"}})
+    assert "Network arithmetic (--precision) fp32" in named.visible
+
+
 def test_page_warns_of_edge_nuclei_low_scores_and_unreadable_tiles(tmp_path: Path, store: NucleiStore) -> None:
     report = {**sample_report(), "unreadable_tiles": [
         {"level": 0, "x_l0": 0, "y_l0": 0, "width_l0": 256, "height_l0": 256, "reason": "JPEG error"}]}

@@ -553,6 +553,13 @@ def test_precision_reaches_both_networks_is_recorded_and_refused_for_models_with
         load_prompter("classical", precision="fp32")
     with pytest.raises(ValueError, match="--precision must be auto, fp32 or bf16"):
         RunConfig(precision="fp16")
+    with pytest.raises(ValueError, match="--precision .* neither model 'classical' nor its prompter"):
+        load_run_models(RunConfig(model="classical", precision="fp32"))
+    # a classical segmentor with wsiseg-tiny's prompter: the prompter's network takes it and is recorded
+    spec, tiny_prompter, classical = load_run_models(RunConfig(model="classical", prompter="wsiseg-tiny",
+                                                               precision="bf16"))
+    assert tiny_prompter.precision == "bf16" and not hasattr(classical, "precision")  # type: ignore[union-attr]
+    assert spec.precision == "bf16"
     # a bundle naming an unknown precision fails naming the bundle
     bundle = tmp_path / "bad"
     bundle.mkdir()
@@ -563,3 +570,23 @@ def test_precision_reaches_both_networks_is_recorded_and_refused_for_models_with
     (bundle / "network.safetensors").symlink_to(source / "network.safetensors")
     with pytest.raises(ValueError, match=f"bundle {bundle}.*precision must be one of auto, fp32, bf16, got 'fp16'"):
         load_segmentor(bundle)
+
+
+def test_auto_is_resolved_where_the_run_starts_and_its_workers_get_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg.models.tiny.maps as maps
+    from wsiseg.pipeline import RunConfig, _decisive, load_run_models
+    from wsiseg.workers import WORKER_CACHE
+
+    for flags, want in ((frozenset({"avx512_bf16"}), "bf16"), (frozenset({"avx2"}), "fp32")):
+        monkeypatch.setattr(maps, "cpu_flags", lambda flags=flags: flags)  # the machine that starts the run
+        WORKER_CACHE.clear()
+        spec, prompter, segmentor = load_run_models(RunConfig(model="wsiseg-tiny", precision="auto"))
+        assert spec.precision == want == segmentor.precision == prompter.precision  # type: ignore[union-attr]
+        config = RunConfig(model="wsiseg-tiny", precision="auto", tile_size_px=1024)
+        assert _decisive(config, spec)["parameters"]["precision"] == want  # checkpoints resume in one arithmetic
+        # a worker on other hardware builds its models from the spec: it runs the same arithmetic
+        monkeypatch.setattr(maps, "cpu_flags", lambda: frozenset({"avx2"} if want == "bf16" else {"amx_bf16"}))
+        WORKER_CACHE.clear()
+        worker_prompter, worker_segmentor = spec.load()
+        assert worker_segmentor.precision == worker_prompter.precision == want  # type: ignore[union-attr]
+    WORKER_CACHE.clear()

@@ -69,11 +69,11 @@ class EvalReport:
     overlays: list[Path] = field(default_factory=list)
     runs_dir: Path | None = None
     #: the arithmetic the model's network ran at ("fp32"/"bf16", from the first run's provenance; None: no network)
-    precision: str | None = None
+    network_precision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: model, label, sha256s, precision, dataset, split, parameters, per_image, mean
-        (NaN -> None)."""
+        """JSON-ready: model, label, sha256s, network_precision, dataset, split, parameters,
+        per_image, mean (NaN -> None)."""
         from wsiseg.writers.report import jsonable
 
         return jsonable({
@@ -81,7 +81,7 @@ class EvalReport:
             "label": self.label,
             "model_sha256": self.model_sha256,
             "prompter_sha256": self.prompter_sha256,
-            "precision": self.precision,
+            "network_precision": self.network_precision,
             "dataset": self.dataset,
             "split": self.split,
             "parameters": self.parameters,
@@ -285,7 +285,7 @@ def evaluate(
         label=label or model_label(model),
         model_sha256=sha[0],
         prompter_sha256=sha[1],
-        precision=sha[2],
+        network_precision=sha[2],
         dataset=dataset_name if dataset_name is not None else _dataset_attribute(dataset, "name", "root"),
         split=split if split is not None else _split_of(splits),
         parameters=parameters,

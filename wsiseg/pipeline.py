@@ -34,7 +34,8 @@ from wsiseg.map_store import shares_maps
 from wsiseg.nuclei import NucleusTable
 from wsiseg.provenance import build_provenance, build_report, model_sha256, model_version
 from wsiseg.workers import (
-    BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec, unique_bad_tiles,
+    BAD_TILE_POLICIES, BAD_TILES_KEY, WORKER_CACHE, BadTilePolicy, GuardedReader, ModelSpec, SlideSpec,
+    network_precision, unique_bad_tiles,
 )
 from wsiseg.prompts import count_segmentor_jobs, iter_segmentor_jobs, point_nms
 from wsiseg.scheduling import Runner, SchedulerConfig, Stage
@@ -144,6 +145,12 @@ def load_run_models(config: RunConfig) -> tuple[ModelSpec, Prompter | None, Segm
         config.precision,
     )
     prompter, segmentor = model_spec.load()
+    # "auto" (or the bundle's own) resolved here, once: the workers get the result, so a slide is
+    # computed in one arithmetic, the one its provenance records, whatever hardware they run on
+    resolved = network_precision(prompter, segmentor)
+    if resolved is not None and model_spec.precision != resolved:
+        model_spec = replace(model_spec, precision=resolved)
+        WORKER_CACHE[("models", model_spec)] = (prompter, segmentor)
     if prompter is None and config.prompts_file is None:
         raise ValueError(
             f"model {config.model!r} has no prompter; give one with --prompter NAME or points with --prompts FILE"
@@ -490,10 +497,13 @@ def _write_batch(
 
 def _decisive(config: RunConfig, model_spec: ModelSpec) -> dict[str, Any]:
     """What decides a run's nuclei (for checkpoint keys): parameters minus output-only options,
-    the models by name and by sha256 (new weights under an old name never resume old work)."""
+    the models by name and by sha256 (new weights under an old name never resume old work), and
+    the network's arithmetic as resolved (a run resumed on other hardware does not mix fp32 and
+    bf16 work)."""
     params = config.parameters()
     for output_only in ("geojson_format", "write_labels", "device"):
         params.pop(output_only, None)
+    params["precision"] = model_spec.precision
     models = [model_spec.model, model_spec.prompter]
     return {"parameters": params, "models": models, "model_sha256": [model_sha256(m) for m in models],
             "version": __version__}

@@ -41,13 +41,14 @@ MEMORY_WARNING_SHARE = 0.8
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """How `check_slide` samples: the model, device and test-time augmentation (--tta) a run will
-    use, and the default mpp."""
+    """How `check_slide` samples: the model, device, test-time augmentation (--tta) and network
+    precision (--precision; None: the model's own) a run will use, and the default mpp."""
 
     model: str = "wsiseg-tiny"
     device: str = "auto"
     mpp: float | None = None
     tta: bool = False
+    precision: str | None = None
     sample_side_um: float = SAMPLE_SIDE_UM
 
     def __post_init__(self) -> None:
@@ -113,14 +114,17 @@ def load_model(config: CheckConfig) -> LoadedModel:
     from wsiseg.synthetic import SyntheticSpec, write_png
 
     t = time.perf_counter()
-    _, prompter, segmentor = load_run_models(RunConfig(model=config.model, device=config.device, tta=config.tta))
+    _, prompter, segmentor = load_run_models(
+        RunConfig(model=config.model, device=config.device, tta=config.tta, precision=config.precision)
+    )
     if prompter is not None:
         with tempfile.TemporaryDirectory(prefix="wsiseg-check-") as tmp:
             image = Path(tmp) / "warm-up.png"
             mpp = min(max(float(segmentor.mpp), 0.05), 10.0)
             write_png(image, SyntheticSpec(256, 256, mpp=mpp, tissue_fraction=1.0))
             warm = RunConfig(model=config.model, device=config.device, mpp=mpp, tissue_detection=False,
-                             tta=config.tta, scheduler=SchedulerConfig(scheduler="synchronous"))
+                             tta=config.tta, precision=config.precision,
+                             scheduler=SchedulerConfig(scheduler="synchronous"))
             run_slide(image, Path(tmp) / "out", warm)
             _forget_slide(image)
     return LoadedModel(config, prompter, segmentor, time.perf_counter() - t)
@@ -223,7 +227,7 @@ def _sampled(
         roi_file.write_text(json.dumps(shapely.geometry.mapping(region)))
         run_config = RunConfig(
             model=config.model, device=config.device, mpp=override, tissue_detection=False, roi=roi_file,
-            tta=config.tta, scheduler=SchedulerConfig(scheduler="synchronous"),
+            tta=config.tta, precision=config.precision, scheduler=SchedulerConfig(scheduler="synchronous"),
         )
         try:
             with _PeakRss() as memory:

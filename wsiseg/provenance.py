@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from wsiseg._version import __version__
 from wsiseg.models.protocols import NucleusClass, Prompter, Segmentor
+from wsiseg.workers import network_precision
 from wsiseg.writers.report import UNREADABLE_TILES_KEY
 
 if TYPE_CHECKING:
@@ -70,8 +71,8 @@ def build_provenance(
             "prompter_sha256": model_sha256(config.prompter),
             "mpp": segmentor.mpp,
             "working_scale": scale,
-            # the arithmetic a dense-map network ran at ("fp32"/"bf16"), None for other models
-            "precision": getattr(segmentor, "precision", None),
+            # the arithmetic the dense-map network ran at ("fp32"/"bf16"), None for other models
+            "precision": network_precision(prompter, segmentor),
         },
         "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
         "parameters": config.parameters(),
@@ -104,8 +105,8 @@ def build_report(
             "prompter": getattr(prompter, "name", None) if prompter else "file",
             "mpp": segmentor.mpp,
             "working_scale": scale,
-            # the arithmetic a dense-map network ran at ("fp32"/"bf16"), None for other models
-            "precision": getattr(segmentor, "precision", None),
+            # the arithmetic the dense-map network ran at ("fp32"/"bf16"), None for other models
+            "precision": network_precision(prompter, segmentor),
             # the score a prompt needed: --min-score, else the prompter's own threshold (None: none)
             "min_score": config.min_score if config.min_score is not None else getattr(prompter, "min_score", None),
         },

@@ -45,7 +45,9 @@ class ModelSpec:
     prompter_options: tuple[tuple[str, Any], ...] = ()
     #: test-time augmentation (--tta): for the segmentor, and for the prompter where it takes it
     tta: bool = False
-    #: --precision of a dense-map network (None: the bundle's own): as tta
+    #: --precision of the dense-map networks among the models (None: each bundle's own); the run
+    #: replaces "auto" by what it resolved to where it started (`pipeline.load_run_models`), so
+    #: every worker runs the same arithmetic
     precision: str | None = None
 
     def load(self) -> tuple[Prompter | None, Segmentor]:
@@ -66,22 +68,25 @@ def _warm_kernels() -> None:
 
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.allocator import keep_freed_memory
-    from wsiseg.models import load_prompter, load_segmentor, takes_tta
+    from wsiseg.models import check_network_options, load_prompter, load_segmentor, takes_tta
 
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
 
     if spec.model != "classical" or (spec.prompter or "classical") != "classical":
         keep_freed_memory()  # a network's tile after tile the same large tensors: reuse them (wsiseg.allocator)
-    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta,
-                               precision=spec.precision)
     prompter_name = spec.prompter or spec.model
-    if spec.prompter is None and not _has_prompter(spec.model):
+    has_prompter = spec.prompter is not None or _has_prompter(spec.model)
+    precision = spec.precision
+    check_network_options(spec.model, spec.prompter, precision=precision)
+    segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta,
+                               precision=precision if takes_tta(spec.model, "segmentor") else None)
+    if not has_prompter:
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
     options = dict(spec.prompter_options)
-    if (spec.tta or spec.precision is not None) and takes_tta(prompter_name, "prompter"):
+    if (spec.tta or precision is not None) and takes_tta(prompter_name, "prompter"):
         options.update({"tta": True} if spec.tta else {})
-        options.update({"precision": spec.precision} if spec.precision is not None else {})
+        options.update({"precision": precision} if precision is not None else {})
     prompter = load_prompter(prompter_name, device=spec.device, **options)
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
         from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor
@@ -97,6 +102,12 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
                 f"{segmentor.mpp} µm/px; use models made for the same resolution"
             )
     return prompter, segmentor
+
+
+def network_precision(prompter: Prompter | None, segmentor: Segmentor) -> str | None:
+    """The arithmetic ("fp32"/"bf16") of the run's dense-map network (the segmentor's, else the
+    prompter's); None when neither has one."""
+    return getattr(segmentor, "precision", None) or getattr(prompter, "precision", None)
 
 
 def _has_prompter(model: str) -> bool:

@@ -68,6 +68,7 @@ __all__ = [
     "pull",
     "resolve_model",
     "takes_tta",
+    "check_network_options",
     "verify_bundle",
     "write_bundle",
 ]
@@ -109,6 +110,25 @@ def _require_tta(name: str | os.PathLike[str], target: Any, role: str, option: s
             "--precision": "sets the arithmetic of a wsiseg-tiny-type network",
         }[option]
         raise ValueError(f"{option} {what}; model {str(name)!r} has no such {role}: run it without {option}")
+
+
+def check_network_options(model: str, prompter: str | None, *, tta: bool = False, precision: str | None = None) -> None:
+    """ValueError, one line naming the option, when --tta or --precision cannot apply to a run of
+    `model` with `prompter` (None: the model's own): --tta needs a dense-map (wsiseg-tiny-type)
+    segmentor, --precision such a segmentor or prompter."""
+    if tta:
+        _require_tta(model, model, "segmentor")
+    if precision is None or takes_tta(model, "segmentor"):
+        return
+    from wsiseg.workers import _has_prompter
+
+    if prompter is not None or _has_prompter(model):
+        if takes_tta(prompter or model, "prompter"):
+            return
+    raise ValueError(
+        f"--precision sets the arithmetic of a wsiseg-tiny-type network; neither model {model!r} nor its "
+        "prompter has one: run it without --precision"
+    )
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)

@@ -154,8 +154,8 @@ def parameters_table(
     parameters: Mapping[str, Any], counts: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> str:
     """The run's parameters with readable names; unset ones say what was used instead (with the
-    value, where `counts` (tile_px) or `defaults` (e.g. the model's min_score) records it), or are
-    left out."""
+    value, where `counts` (tile_px) or `defaults` (e.g. the model's min_score, the precision its
+    network ran at) records it), or are left out; "auto" is shown with what it became."""
     defaults = defaults or {}
     rows = []
     for key, value in parameters.items():
@@ -170,6 +170,8 @@ def parameters_table(
                 text = f"{unset} ({fmt(defaults[key])})"
         elif key == "on_bad_tile":
             text = _BAD_TILE_WORDS.get(str(value), str(value))
+        elif value == "auto" and isinstance(defaults.get(key), str):  # what "auto" became: "auto (bf16)"
+            text = f"auto ({defaults[key]})"
         else:
             text = fmt(value)
         rows.append((label, text))

@@ -86,14 +86,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 matrix products in hardware: a CUDA GPU for which
-    `torch.cuda.is_bf16_supported()`, or an x86 CPU with one of `BF16_CPU_FLAGS`.  Elsewhere
-    bf16 is emulated: on a 2-core AVX2 CPU wsiseg-tiny ran 10x slower in bf16 than in fp32,
-    while on a 2-core AVX512-BF16 CPU one 1152 px tile took 0.13 s against 0.30 s."""
+    """Whether `device` computes bfloat16 matrix products in hardware: a CUDA GPU of compute
+    capability 8.0 or later (Ampere's bf16 tensor cores; older GPUs emulate bf16), or an x86 CPU
+    with one of `BF16_CPU_FLAGS`.  Elsewhere bf16 is emulated: on a 2-core AVX2 CPU wsiseg-tiny
+    ran 10x slower in bf16 than in fp32, while on a 2-core AVX512-BF16 CPU one 1152 px tile took
+    0.13 s against 0.30 s."""
     import torch
 
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
