@@ -68,7 +68,7 @@ def _warm_kernels() -> None:
 
 def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     from wsiseg.allocator import keep_freed_memory
-    from wsiseg.models import check_network_options, load_prompter, load_segmentor, takes_tta
+    from wsiseg.models import check_network_options, has_prompter, load_prompter, load_segmentor, takes_tta
 
     # the compiled stitching and writing kernels load beside the model (needed once masks exist)
     threading.Thread(target=_warm_kernels, name="wsiseg-warm-up", daemon=True).start()
@@ -76,12 +76,12 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
     if spec.model != "classical" or (spec.prompter or "classical") != "classical":
         keep_freed_memory()  # a network's tile after tile the same large tensors: reuse them (wsiseg.allocator)
     prompter_name = spec.prompter or spec.model
-    has_prompter = spec.prompter is not None or _has_prompter(spec.model)
+    brings_prompter = spec.prompter is not None or has_prompter(spec.model)
     precision = spec.precision
     check_network_options(spec.model, spec.prompter, precision=precision)
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta,
                                precision=precision if takes_tta(spec.model, "segmentor") else None)
-    if not has_prompter:
+    if not brings_prompter:
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
     options = dict(spec.prompter_options)
     if (spec.tta or precision is not None) and takes_tta(prompter_name, "prompter"):
@@ -108,18 +108,6 @@ def network_precision(prompter: Prompter | None, segmentor: Segmentor) -> str | 
     """The arithmetic ("fp32"/"bf16") of the run's dense-map network (the segmentor's, else the
     prompter's); None when neither has one."""
     return getattr(segmentor, "precision", None) or getattr(prompter, "precision", None)
-
-
-def _has_prompter(model: str) -> bool:
-    from wsiseg.models.bundles import open_bundle
-    from wsiseg.models.cache import resolve_model
-
-    target = resolve_model(model)
-    if target == "classical":
-        return True
-    if target.is_file() and target.suffix.lower() in (".pth", ".pt"):
-        return False  # a raw SAM checkpoint
-    return open_bundle(target).has("prompter")
 
 
 WORKER_CACHE: dict[Any, Any] = {}

@@ -59,6 +59,8 @@ __all__ = [
     "PullError",
     "Segmentor",
     "TileMasks",
+    "check_network_options",
+    "has_prompter",
     "import_bundle",
     "list_bundles",
     "load_prompter",
@@ -68,7 +70,6 @@ __all__ = [
     "pull",
     "resolve_model",
     "takes_tta",
-    "check_network_options",
     "verify_bundle",
     "write_bundle",
 ]
@@ -101,6 +102,20 @@ def takes_tta(path_or_name: str | os.PathLike[str], role: str) -> bool:
     return bundle.has(role) and bundle.component(role).architecture in TTA_ARCHITECTURES
 
 
+def has_prompter(path_or_name: str | os.PathLike[str]) -> bool:
+    """Whether the model brings its own prompter ("classical" and bundles with a "prompter"
+    component do; segmentor-only bundles and raw SAM checkpoints do not)."""
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import resolve_model
+
+    target = resolve_model(path_or_name)
+    if target == "classical":
+        return True
+    if target.is_file() and target.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        return False  # a raw SAM checkpoint
+    return open_bundle(target).has("prompter")
+
+
 def _require_tta(name: str | os.PathLike[str], target: Any, role: str, option: str = "--tta") -> None:
     """ValueError unless the model's `role` component is a dense-map network (`takes_tta`), the
     only kind that takes --tta and --precision."""
@@ -120,11 +135,8 @@ def check_network_options(model: str, prompter: str | None, *, tta: bool = False
         _require_tta(model, model, "segmentor")
     if precision is None or takes_tta(model, "segmentor"):
         return
-    from wsiseg.workers import _has_prompter
-
-    if prompter is not None or _has_prompter(model):
-        if takes_tta(prompter or model, "prompter"):
-            return
+    if (prompter is not None or has_prompter(model)) and takes_tta(prompter or model, "prompter"):
+        return
     raise ValueError(
         f"--precision sets the arithmetic of a wsiseg-tiny-type network; neither model {model!r} nor its "
         "prompter has one: run it without --precision"
