@@ -64,11 +64,13 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
     if as_json:
         click.echo(json.dumps([c.to_json() for c in checks], indent=2))
     else:
-        _print_table(checks, model, device, loaded.load_s)
+        from wsiseg.workers import network_precision
+
+        _print_table(checks, model, device, loaded.load_s, network_precision(loaded.prompter, loaded.segmentor))
     sys.exit(1 if any(c.verdict == "unusable" for c in checks) else 0)
 
 
-def _print_table(checks: list[Any], model: str, device: str, load_s: float) -> None:
+def _print_table(checks: list[Any], model: str, device: str, load_s: float, precision: str | None) -> None:
     names = _short_names([Path(c.path) for c in checks])
     rows = [[names[i], *_cells(c)[1:]] for i, c in enumerate(checks)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_COLUMNS)]
@@ -89,7 +91,8 @@ def _print_table(checks: list[Any], model: str, device: str, load_s: float) -> N
     if not timed:  # nothing could be sampled: no estimates to give
         click.echo(counts)
         return
-    click.echo(f"estimates for --model {model} --device {device}, one process (model load {load_s:.1f} s); "
+    arithmetic = f" --precision {precision}" if precision else ""
+    click.echo(f"estimates for --model {model} --device {device}{arithmetic}, one process (model load {load_s:.1f} s); "
                "Dask workers share the time and each needs the memory shown")
     total = sum(timed) - load_s * max(len(timed) - 1, 0)  # a run loads the model once, not per slide
     click.echo(f"{counts}; about {_duration(total)} in all as one run (each row's time includes the model load, "

@@ -225,9 +225,12 @@ def _prepare(out_dir: Path, kw: dict[str, Any]) -> Any:
     except ValueError as exc:
         _usage_error(str(exc))
     try:
-        load_run_models(config)
+        spec, _, _ = load_run_models(config)
     except Exception as exc:  # noqa: BLE001 - whatever stops the model loading, the fix is an option
         _usage_error(str(exc) or f"--model {kw['model']}: {type(exc).__name__}")
+    # the arithmetic that will run ("auto" or the model's own, resolved), so a rerun that asks for it
+    # by another name finds the slide done
+    config = replace(config, precision=spec.precision)
     return replace(config, scheduler=replace(config.scheduler, worker_log=out_dir / LOG_NAME))
 
 

@@ -93,6 +93,7 @@ def test_fp32_finds_the_nuclei_of_the_default_precision_and_each_run_records_its
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert {c["config"]["precision"] for c in manifest["components"].values()} == {"auto"}
     assert default_run.report_data["model"]["precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert default_run.report_data["parameters"]["precision"] == default_run.report_data["model"]["precision"]
     exact = run_slide(synthetic[0], tmp_path, RunConfig(precision="fp32", scheduler=SYNC))
     assert exact.report_data["model"]["precision"] == "fp32"
     assert exact.report_data["parameters"]["precision"] == "fp32"

@@ -183,3 +183,6 @@ def test_precision_is_estimated_with_the_network_a_run_loads_and_refused_where_a
     assert loaded.segmentor.precision == loaded.prompter.precision == "fp32"
     refused = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--precision", "bf16"])
     assert refused.exit_code == 2 and "--precision" in refused.output
+    shown = CliRunner().invoke(main, ["check", str(svs_slide), "--precision", "fp32"])
+    assert shown.exit_code == 0
+    assert "estimates for --model wsiseg-tiny --device auto --precision fp32" in shown.output

@@ -81,6 +81,14 @@ def test_rerun_skips_completed_slides_unless_overwrite(svs_slide: Path, tmp_path
     again = CliRunner().invoke(main, [*args, str(roi)])
     assert again.exit_code == 0 and "already done" in again.output
     assert (store / "zarr.json").stat().st_mtime_ns == stamp
+    # the network arithmetic asked for by another name is the same run: "auto", or what it resolved to
+    import torch
+
+    from wsiseg.models.tiny.maps import resolve_precision
+
+    for spelling in ("auto", resolve_precision("auto", torch.device("cpu"))):
+        same = CliRunner().invoke(main, [*args, str(roi), "--precision", spelling])
+        assert same.exit_code == 0 and "already done" in same.output, spelling
     redo = CliRunner().invoke(main, [*args, str(roi), "--overwrite"])
     assert redo.exit_code == 0 and "already done" not in redo.output
 

@@ -288,14 +288,10 @@ def test_page_states_provenance_and_parameters_cleanly(tmp_path: Path, store: Nu
 
 def test_page_names_the_precision_the_network_ran_at(tmp_path: Path, store: NucleiStore) -> None:
     report = sample_report()
-    report["model"] = {**report["model"], "precision": "bf16"}
-    unset = write_page(tmp_path / "unset", store, {**report, "parameters": {**report["parameters"], "precision": None}})
-    assert "Network arithmetic (--precision) model default (bf16)" in unset.visible
-    auto = write_page(tmp_path / "auto", store, {**report, "parameters": {**report["parameters"], "precision": "auto"}})
-    assert "Network arithmetic (--precision) auto (bf16)" in auto.visible
-    named = write_page(tmp_path / "fp32", store, {**report, "parameters": {**report["parameters"], "precision": "fp32"},
-                                                  "model": {**report["model"], "precision": "fp32"}})
-    assert "Network arithmetic (--precision) fp32" in named.visible
+    ran = write_page(tmp_path / "bf16", store, {**report, "parameters": {**report["parameters"], "precision": "bf16"}})
+    assert "Network arithmetic (--precision) bf16" in ran.visible
+    none = write_page(tmp_path / "none", store, {**report, "parameters": {**report["parameters"], "precision": None}})
+    assert "Network arithmetic" not in none.visible  # a model without a network: no such row
 
 
 def test_page_warns_of_edge_nuclei_low_scores_and_unreadable_tiles(tmp_path: Path, store: NucleiStore) -> None:

@@ -266,6 +266,7 @@ def _run(
     tissue_job = pool.submit(_timed_tissue, reader, config, slide_mpp)
     pool.shutdown(wait=False)  # the thread ends with the job
     model_spec, prompter, segmentor = load_run_models(config)
+    config = replace(config, precision=model_spec.precision)  # what runs: "auto" or the model's own, resolved
     classes = _classes(prompter)
     tile_px = _tile_size(config, segmentor)
     scaled = ScaledSlide(reader, segmentor.mpp)

@@ -281,8 +281,7 @@ def _run_details(report: Mapping[str, Any]) -> str:
     counts = mapping_at(report, "counts")
     parts = ["<h3>Run</h3>", run_table(report), "<h3>Models</h3>", models_table(report)]
     if params:
-        model = mapping_at(report, "model")
-        defaults = {"min_score": model.get("min_score"), "precision": model.get("precision")}
+        defaults = {"min_score": mapping_at(report, "model").get("min_score")}
         parts += ["<h3>Parameters</h3>", parameters_table(params, counts, defaults)]
     outputs = report.get("outputs")
     if isinstance(outputs, Mapping) and outputs:

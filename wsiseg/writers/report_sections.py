@@ -49,7 +49,7 @@ PARAMETER_LABELS: dict[str, tuple[str, str | None]] = {
     "points_per_tile": ("Points per tile", "model default"),
     "min_score": ("Minimum score", "model default"),
     "tta": ("Test-time augmentation (maps averaged over flips)", None),
-    "precision": ("Network arithmetic (--precision)", "model default"),
+    "precision": ("Network arithmetic (--precision)", None),
     "batch_tiles": ("Tiles per batch", None),
     "on_bad_tile": ("Tiles the file cannot decode", None),
 }
@@ -154,8 +154,8 @@ def parameters_table(
     parameters: Mapping[str, Any], counts: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> str:
     """The run's parameters with readable names; unset ones say what was used instead (with the
-    value, where `counts` (tile_px) or `defaults` (e.g. the model's min_score, the precision its
-    network ran at) records it), or are left out; "auto" is shown with what it became."""
+    value, where `counts` (tile_px) or `defaults` (e.g. the model's min_score) records it), or are
+    left out."""
     defaults = defaults or {}
     rows = []
     for key, value in parameters.items():
@@ -166,12 +166,10 @@ def parameters_table(
             text = unset
             if key == "tile_size_px" and isinstance(counts.get("tile_px"), int):
                 text = f"{unset} ({counts['tile_px']:,})"
-            elif isinstance(defaults.get(key), (int, float, str)) and not isinstance(defaults.get(key), bool):
+            elif isinstance(defaults.get(key), (int, float)) and not isinstance(defaults.get(key), bool):
                 text = f"{unset} ({fmt(defaults[key])})"
         elif key == "on_bad_tile":
             text = _BAD_TILE_WORDS.get(str(value), str(value))
-        elif value == "auto" and isinstance(defaults.get(key), str):  # what "auto" became: "auto (bf16)"
-            text = f"auto ({defaults[key]})"
         else:
             text = fmt(value)
         rows.append((label, text))
