@@ -61,12 +61,13 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
             checks.append(check_slide(entry, loaded, runner))
             if not as_json and sys.stderr.isatty():
                 click.echo(f"checked {len(checks)}/{len(entries)}: {entry.path.name}", err=True)
-    if as_json:
-        click.echo(json.dumps([c.to_json() for c in checks], indent=2))
-    else:
-        from wsiseg.workers import network_precision
+    from wsiseg.workers import network_precision
 
-        _print_table(checks, model, device, loaded.load_s, network_precision(loaded.prompter, loaded.segmentor))
+    precision = network_precision(loaded.prompter, loaded.segmentor)  # what the estimates ran at
+    if as_json:
+        click.echo(json.dumps([{**c.to_json(), "network_precision": precision} for c in checks], indent=2))
+    else:
+        _print_table(checks, model, device, loaded.load_s, precision)
     sys.exit(1 if any(c.verdict == "unusable" for c in checks) else 0)
 
 

@@ -63,15 +63,19 @@ def eval_command(model: str, compare: tuple[str, ...], **kw: Any) -> None:
     """
     from wsiseg.cli.main import _fail, _setup_logging
 
+    from wsiseg.models import check_network_options
+
     out_dir: Path = kw["out_dir"]
+    try:  # options first: a usage error leaves no output folder behind
+        config = _config(model, kw)
+        models = _check_models([model, *compare])
+        check_network_options(model, kw["prompter"], tta=kw["tta"], precision=kw["precision"])
+    except (ValueError, OSError) as exc:
+        _fail(" ".join(str(exc).split()), None)
+        sys.exit(2)
     log_path = _setup_logging(out_dir, kw["verbose"], kw["quiet"])
     try:
-        config = _config(model, kw)
         dataset = _open_dataset(kw)
-        models = _check_models([model, *compare])
-        from wsiseg.models import check_network_options
-
-        check_network_options(model, kw["prompter"], tta=kw["tta"], precision=kw["precision"])
     except (ValueError, OSError) as exc:
         _fail(" ".join(str(exc).split()), None)
         sys.exit(2)

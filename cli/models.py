@@ -130,6 +130,10 @@ def info_command(model: str, as_json: bool) -> None:
     networks = [c for c in info["components"].values() if c.get("architecture") in ("tiny_prompter", "tiny_segmentor")]
     if networks:
         precision = networks[0].get("config", {}).get("precision", "fp32")
+        if precision == "auto":
+            from wsiseg.models.tiny.maps import cpu_has_bf16
+
+            precision += f" (on this machine's CPU: {'bf16' if cpu_has_bf16() else 'fp32'})"
         click.echo(f"  network precision (the default --precision): {precision}")
     click.echo(f"  bundle sha256: {info['bundle_sha256']}")
     if "source" in info:

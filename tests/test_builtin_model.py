@@ -121,7 +121,10 @@ def test_min_score_drops_the_prompts_scoring_below_it(synthetic: tuple[Path, Any
     assert strict.report_data["model"]["min_score"] == threshold
     shown = CliRunner().invoke(main, ["models", "info", "wsiseg-tiny"]).output
     assert f"score threshold (the default --min-score): {manifest_threshold:g}" in shown
-    assert "network precision (the default --precision): auto" in shown
+    from wsiseg.models.tiny.maps import cpu_has_bf16
+
+    here = "bf16" if cpu_has_bf16() else "fp32"
+    assert f"network precision (the default --precision): auto (on this machine's CPU: {here})" in shown
 
 
 def test_one_network_pass_gives_the_nuclei_of_two_passes(

@@ -186,3 +186,5 @@ def test_precision_is_estimated_with_the_network_a_run_loads_and_refused_where_a
     shown = CliRunner().invoke(main, ["check", str(svs_slide), "--precision", "fp32"])
     assert shown.exit_code == 0
     assert "estimates for --model wsiseg-tiny --device auto --precision fp32" in shown.output
+    as_json = CliRunner().invoke(main, ["check", str(svs_slide), "--precision", "fp32", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.output)[0]["network_precision"] == "fp32"

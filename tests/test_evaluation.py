@@ -211,3 +211,4 @@ def test_eval_precision_is_models_only_and_recorded(pairs_dir: Path, tmp_path: P
     refused = CliRunner().invoke(main, ["eval", "--model", "classical", "--precision", "fp32", "--data", str(pairs_dir),
                                         "--mpp", str(MPP), "-o", str(tmp_path / "refused"), *SYNC])
     assert refused.exit_code == 2 and "--precision" in refused.output  # a usage error, before any image runs
+    assert not (tmp_path / "refused").exists()  # and before the output folder and its log are made

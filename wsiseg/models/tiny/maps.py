@@ -95,7 +95,12 @@ def native_bf16(device: torch.device) -> bool:
 
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU computes bfloat16 in hardware (one of `BF16_CPU_FLAGS`)."""
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
