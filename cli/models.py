@@ -95,7 +95,7 @@ def info_command(model: str, as_json: bool) -> None:
 
     MODEL is a cached name, "classical", a bundle folder or .zip, or a SAM .pth.
     """
-    from wsiseg.models import model_info
+    from wsiseg.models import TTA_ARCHITECTURES, model_info
 
     with _user_errors():
         info = model_info(model)
@@ -127,7 +127,7 @@ def info_command(model: str, as_json: bool) -> None:
     prompter = info["components"].get("prompter", {})
     if prompter.get("architecture") == "tiny_prompter" and "threshold" in prompter.get("config", {}):
         click.echo(f"  score threshold (the default --min-score): {prompter['config']['threshold']:g}")
-    networks = [c for c in info["components"].values() if c.get("architecture") in ("tiny_prompter", "tiny_segmentor")]
+    networks = [c for c in info["components"].values() if c.get("architecture") in TTA_ARCHITECTURES]
     if networks:
         precision = networks[0].get("config", {}).get("precision", "fp32")
         if precision == "auto":

@@ -241,7 +241,7 @@ def evaluate(
     per_image: list[dict[str, Any]] = []
     scores_list: list[Any] = []
     overlay_paths: list[Path] = []
-    sha: tuple[str | None, str | None, str | None] = (None, None, None)
+    record: tuple[str | None, str | None, str | None] = (None, None, None)
     seen: set[str] = set()
     splits: set[str | None] = set()
     models = (base.model, base.prompter)
@@ -257,7 +257,7 @@ def evaluate(
                 row, scores, prediction, zarr_path = _run_and_score(item, work, replace(base, mpp=item.mpp),
                                                                     runner, radius_um)
                 if index == 0:
-                    sha = _model_record(zarr_path)
+                    record = _model_record(zarr_path)
                 per_image.append(row)
                 scores_list.append(scores)
                 if overlays:
@@ -283,9 +283,9 @@ def evaluate(
     return EvalReport(
         model=str(model),
         label=label or model_label(model),
-        model_sha256=sha[0],
-        prompter_sha256=sha[1],
-        network_precision=sha[2],
+        model_sha256=record[0],
+        prompter_sha256=record[1],
+        network_precision=record[2],
         dataset=dataset_name if dataset_name is not None else _dataset_attribute(dataset, "name", "root"),
         split=split if split is not None else _split_of(splits),
         parameters=parameters,

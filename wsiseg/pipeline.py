@@ -31,6 +31,7 @@ from wsiseg.models.protocols import NucleusClass, PointSet, Prompter, Segmentor
 from wsiseg.checkpoints import SlideCheckpoint, checkpoint_key, remove_partial_outputs
 from wsiseg.cohort import slide_stem
 from wsiseg.map_store import shares_maps
+from wsiseg.models.tiny.maps import PRECISIONS
 from wsiseg.nuclei import NucleusTable
 from wsiseg.provenance import build_provenance, build_report, model_sha256, model_version
 from wsiseg.workers import (
@@ -106,8 +107,9 @@ class RunConfig:
             raise ValueError(f"--points-per-tile must be >= 1, got {self.points_per_tile}")
         if self.min_score is not None and not 0 <= self.min_score < 1:
             raise ValueError(f"--min-score must be in [0, 1), got {self.min_score}")
-        if self.precision not in (None, "auto", "fp32", "bf16"):
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            choices = f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
+            raise ValueError(f"--precision must be {choices}, got {self.precision!r}")
         if self.k_negatives is not None and self.k_negatives < 0:
             raise ValueError(f"--k-negatives must be >= 0, got {self.k_negatives}")
 

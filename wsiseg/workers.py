@@ -77,16 +77,17 @@ def _load_models(spec: ModelSpec) -> tuple[Prompter | None, Segmentor]:
         keep_freed_memory()  # a network's tile after tile the same large tensors: reuse them (wsiseg.allocator)
     prompter_name = spec.prompter or spec.model
     brings_prompter = spec.prompter is not None or has_prompter(spec.model)
-    precision = spec.precision
-    check_network_options(spec.model, spec.prompter, precision=precision)
+    check_network_options(spec.model, spec.prompter, precision=spec.precision)
     segmentor = load_segmentor(spec.model, device=spec.device, k_negatives=spec.k_negatives, tta=spec.tta,
-                               precision=precision if takes_tta(spec.model, "segmentor") else None)
+                               precision=spec.precision if takes_tta(spec.model, "segmentor") else None)
     if not brings_prompter:
         return None, segmentor  # a segmentor-only model: prompts come from --prompter or --prompts
     options = dict(spec.prompter_options)
-    if (spec.tta or precision is not None) and takes_tta(prompter_name, "prompter"):
-        options.update({"tta": True} if spec.tta else {})
-        options.update({"precision": precision} if precision is not None else {})
+    if (spec.tta or spec.precision is not None) and takes_tta(prompter_name, "prompter"):
+        if spec.tta:
+            options["tta"] = True
+        if spec.precision is not None:
+            options["precision"] = spec.precision
     prompter = load_prompter(prompter_name, device=spec.device, **options)
     if abs(prompter.mpp - segmentor.mpp) > 0.02 * segmentor.mpp:
         from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor
