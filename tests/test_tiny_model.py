@@ -590,3 +590,48 @@ def test_auto_is_resolved_where_the_run_starts_and_its_workers_get_the_result(mo
         worker_prompter, worker_segmentor = spec.load()
         assert worker_segmentor.precision == worker_prompter.precision == want  # type: ignore[union-attr]
     WORKER_CACHE.clear()
+
+
+def test_contact_map_marks_touching_and_close_nuclei_only() -> None:
+    from wsiseg.training.targets import contact_map
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2  # touches 1 along x = 15
+    labels[5:15, 40:50] = 3  # alone
+    labels[20:30, 5:15] = 4  # 5 px below 1: a gap
+    contact = contact_map(labels, 2)
+    assert contact[5:15, 13:17].all() and not contact[5:15, 5:12].any()  # the contact of 1 and 2, not 1's far side
+    assert not contact[:, 30:].any()  # the lone nucleus, whatever its label, is no contact
+    assert not contact[15:20, 5:11].any()  # a 5 px gap is wider than two radii
+    assert contact_map(labels, 3)[17:18, 5:11].all()  # and narrower than six: its middle row is
+    with pytest.raises(ValueError, match="radius_px"):
+        contact_map(labels, 0)
+
+
+def test_contact_weight_adds_a_contact_channel_and_weighs_those_pixels_in_the_loss(tmp_path: Path) -> None:
+    import torch
+
+    from wsiseg.training.tiny import TinyTask, split_items
+
+    recipe = _recipe(tmp_path, contact_weight=4.0, contact_px=2)
+    task = TinyTask(recipe, *split_items(recipe))
+    labels = np.zeros((160, 160), np.int32)  # a grid of touching 10 px squares: contacts in every crop
+    labels[:] = (np.arange(160)[:, None] // 10) * 16 + np.arange(160)[None, :] // 10 + 1
+    task.images, task.weights = [(np.full((160, 160, 3), 128, np.uint8), labels)], np.ones(1)
+    images, targets = next(task.batches(0, np.random.default_rng(0), 1))
+    assert targets.shape == (2, 4, 64, 64) and set(np.unique(targets[:, 3])) == {0.0, 1.0}
+    plain = TinyTask(_recipe(tmp_path), *split_items(recipe))
+    assert next(plain.batches(0, np.random.default_rng(0), 1))[1].shape == (2, 3, 64, 64)
+
+    t = torch.from_numpy(targets)
+    logits = torch.zeros(2, 3, 64, 64)  # every probability 0.5
+    weighted, unweighted = task.losses(logits, t), plain.losses(logits, t[:, :3])
+    contact = t[:, 3]
+    # BCE of p = 0.5 is log 2 everywhere, so the weighted mean is log 2 x mean(1 + 4 x contact)
+    assert float(weighted["fg_bce"]) == pytest.approx(float(np.log(2) * (1 + 4 * contact.mean())), rel=1e-5)
+    assert float(unweighted["fg_bce"]) == pytest.approx(float(np.log(2)), rel=1e-5)
+    squared = (0.5 - t[:, 2]) ** 2
+    assert float(weighted["distance"]) == pytest.approx(float(((1 + 4 * contact) * squared).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="contact_weight"):
+        _recipe(tmp_path, contact_weight=-1.0)

@@ -9,6 +9,9 @@ and crops the centre `crop_px` square.
 
 Loss (our own weighting): foreground BCE + soft Dice; centre heatmap BCE on soft targets,
 weighted 1 + 4 x target so the rare peak pixels count; distance MSE on the sigmoid output;
+with `contact_weight` > 0, the foreground BCE and distance MSE weigh pixels near two different
+nuclei (`wsiseg.training.targets.contact_map`) 1 + contact_weight times, so touching nuclei are
+separated (the U-Net paper's border weights, Ronneberger et al. 2015);
 with a teacher, `distill_weight` x the MSE between the teacher's and the student's three maps.
 A run can start from a trained bundle (`init_bundle`), slimmed when it is wider
 (`wsiseg.training.slim`).  AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
@@ -30,7 +33,7 @@ from wsiseg.datasets.item import NucleusItem
 from wsiseg.models.tiny.maps import PRECISIONS
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
-from wsiseg.training.targets import dense_targets
+from wsiseg.training.targets import contact_map, dense_targets
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,10 @@ class TinyRecipe:
     teacher_bundle: str = ""
     teacher_sha256: str = ""
     distill_weight: float = 0.0
+    #: extra loss weight of the pixels within `contact_px` of two different nuclei (see the
+    #: module docstring); 0 turns it off
+    contact_weight: float = 0.0
+    contact_px: int = 3
 
     def __post_init__(self) -> None:
         if bool(self.init_bundle) != bool(self.init_sha256):
@@ -111,6 +118,8 @@ class TinyRecipe:
             raise ValueError("distill_weight > 0 needs a teacher: set teacher_bundle and teacher_sha256, or distill_weight = 0")
         if self.teacher_bundle and self.distill_weight == 0:
             raise ValueError("a teacher_bundle needs distill_weight > 0 (e.g. 1.0), or remove teacher_bundle")
+        if self.contact_weight < 0 or self.contact_px < 1:
+            raise ValueError(f"contact_weight must be >= 0 and contact_px >= 1, got {self.contact_weight}, {self.contact_px}")
         if self.data_mpp < 0:
             raise ValueError(f"data_mpp must be > 0 (or 0: none), got {self.data_mpp}")
         if self.crop_px % (2 ** (self.levels - 1)):
@@ -165,9 +174,11 @@ def to_model_mpp(item: NucleusItem, mpp: float, override: float | None) -> tuple
 
 def sample_window(
     image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop_px: int, augment: AugmentConfig,
-    centre_sigma_px: float = 2.5,
+    centre_sigma_px: float = 2.5, contact_px: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented (crop_px, crop_px, 3) uint8 crop and its (3, crop_px, crop_px) targets."""
+    """One augmented (crop_px, crop_px, 3) uint8 crop and its (3, crop_px, crop_px) float32
+    targets (foreground, centre, distance); with contact_px > 0, a fourth (crop_px, crop_px)
+    channel: 1 on `contact_map(labels, contact_px)`, else 0."""
     scale = float(rng.uniform(1 - augment.scale_jitter, 1 + augment.scale_jitter))
     window = int(math.ceil((crop_px + 2 * MARGIN_PX) / scale)) + 2
     h, w = labels.shape
@@ -181,6 +192,8 @@ def sample_window(
     img, lab = rescale(image[y0 : y0 + window, x0 : x0 + window], labels[y0 : y0 + window, x0 : x0 + window], scale)
     img, lab = augment_pair(img, lab, rng, augment)
     targets = dense_targets(lab, centre_sigma_px=centre_sigma_px).stack()
+    if contact_px > 0:
+        targets = np.concatenate([targets, contact_map(lab, contact_px)[None].astype(np.float32)])
     cy, cx = (lab.shape[0] - crop_px) // 2, (lab.shape[1] - crop_px) // 2
     return (
         np.ascontiguousarray(img[cy : cy + crop_px, cx : cx + crop_px]),
@@ -223,24 +236,32 @@ class TinyTask:
         r = self.recipe
         for _ in range(steps):
             picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
-            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px) for i in picks]
+            contact = r.contact_px if r.contact_weight > 0 else 0
+            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px, contact)
+                     for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
     def losses(self, logits: Any, targets: Any, teacher_maps: Any = None) -> dict[str, Any]:
-        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring),
-        and with (B, 3, H, W) teacher probabilities, the distillation term (`distill_weight`)."""
+        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring;
+        (B, 4, H, W) with the contact channel of `sample_window`, which weighs the foreground BCE
+        and the distance MSE), and with (B, 3, H, W) teacher probabilities, the distillation
+        term (`distill_weight`)."""
         import torch
         import torch.nn.functional as F
 
         logits = logits.float()
         fg_t, centre_t, dist_t = targets[:, 0], targets[:, 1], targets[:, 2]
-        fg_bce = F.binary_cross_entropy_with_logits(logits[:, 0], fg_t)
+        r = self.recipe
+        weight = 1 + r.contact_weight * targets[:, 3] if targets.shape[1] > 3 else None
+        fg_bce = F.binary_cross_entropy_with_logits(logits[:, 0], fg_t, weight=weight)
         p = torch.sigmoid(logits[:, 0])
         inter = (p * fg_t).sum(dim=(1, 2))
         dice = 1 - (2 * inter + 1) / (p.sum(dim=(1, 2)) + fg_t.sum(dim=(1, 2)) + 1)
         centre = F.binary_cross_entropy_with_logits(logits[:, 1], centre_t, weight=1 + 4 * centre_t)
-        dist = F.mse_loss(torch.sigmoid(logits[:, 2]), dist_t)
-        r = self.recipe
+        if weight is None:
+            dist = F.mse_loss(torch.sigmoid(logits[:, 2]), dist_t)
+        else:
+            dist = (weight * (torch.sigmoid(logits[:, 2]) - dist_t) ** 2).mean()
         loss = fg_bce + dice.mean() + r.centre_weight * centre + r.distance_weight * dist
         terms = {"fg_bce": fg_bce, "fg_dice": dice.mean(), "centre": centre, "distance": dist}
         if teacher_maps is not None:
