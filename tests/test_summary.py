@@ -61,6 +61,7 @@ def test_run_with_a_failure_lists_it_first_with_its_reason(
     report = json.loads((out / f"{png_image.stem}.report.json").read_text())
     assert int(done["nuclei"]) == report["counts"]["nuclei"] > 0
     assert done["model"] == "classical" and float(done["mpp"]) == 0.5 and float(done["time_s"]) > 0
+    assert done["precision"] == ""  # classical has no network
     assert done["report"] == f"{png_image.stem}.report.html"
 
     page = out / "summary.html"
@@ -125,7 +126,8 @@ def test_summary_rows_take_tissue_area_from_the_report_and_leave_unknowns_empty(
         return str(path)
 
     ledger = {"slides": {
-        "s/with_area.svs": {"state": "done", "report": report("with_area", tissue_area_mm2=2.0)},
+        "s/with_area.svs": {"state": "done", "report": report("with_area", tissue_area_mm2=2.0,
+                                                               model={"precision": "bf16"})},
         "s/no_area.svs": {"state": "skipped", "report": report("no_area")},
         "s/bad.svs": {"state": "failed", "reason": "s/bad.svs: file is truncated; copy it again"},
         "s/later.svs": {"state": "pending"},
@@ -141,10 +143,12 @@ def test_summary_rows_take_tissue_area_from_the_report_and_leave_unknowns_empty(
     assert with_area.warnings == ("3 nuclei reached their tile's edge",) and with_area.model == "wsiseg-tiny"
     assert with_area.report == "with_area.report.json"  # no HTML report beside it: the JSON is linked
     assert no_area.tissue_area_mm2 is None and no_area.nuclei_per_mm2 is None and no_area.nuclei == 500
+    assert with_area.precision == "bf16" and no_area.precision is None  # a report without it: empty
     assert lost.nuclei == 7 and lost.report is None and later.state == "pending"
     csv_path, html_path = write_summary(tmp_path)
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "slide,state,reason,nuclei,tissue_area_mm2,nuclei_per_mm2,time_s,model,mpp,warnings,report"
+    assert lines[0] == "slide,state,reason,nuclei,tissue_area_mm2,nuclei_per_mm2,time_s,model,precision,mpp,warnings,report"
+    assert ",wsiseg-tiny,bf16,0.25," in lines[3]
     assert lines[1].startswith("s/bad.svs,failed,file is truncated; copy it again,")
     assert _refs(html_path).hrefs == ["with_area.report.json", "no_area.report.json"]
 

@@ -6,9 +6,11 @@ first, then slides that did not finish (pending, running), then done and skipped
 group in ledger order.  The HTML page is self-contained (inline style, no scripts, no
 external files) and links each slide's `NAME.report.html` by a path relative to OUT.
 
-Columns: slide, state, reason, nuclei, tissue_area_mm2, nuclei_per_mm2, time_s, model, mpp,
-warnings, report.  Tissue area (and so nuclei per mm²) is left empty when the slide's report
-does not record it (`tissue_area_mm2`, or `tissue.area_mm2`).
+Columns: slide, state, reason, nuclei, tissue_area_mm2, nuclei_per_mm2, time_s, model, precision,
+mpp, warnings, report.  Tissue area (and so nuclei per mm²) is left empty when the slide's report
+does not record it (`tissue_area_mm2`, or `tissue.area_mm2`); precision is the arithmetic the
+slide's network ran at ("fp32" or "bf16", the report's `model.precision`), empty for a model
+without a network (classical).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from wsiseg.cohort import LEDGER_NAME
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_HTML = "summary.html"
-COLUMNS = ("slide", "state", "reason", "nuclei", "tissue_area_mm2", "nuclei_per_mm2", "time_s", "model", "mpp",
-           "warnings", "report")
+COLUMNS = ("slide", "state", "reason", "nuclei", "tissue_area_mm2", "nuclei_per_mm2", "time_s", "model",
+           "precision", "mpp", "warnings", "report")
 _ORDER = {"failed": 0, "pending": 1, "running": 1, "done": 2, "skipped": 2}
 
 
@@ -50,6 +52,7 @@ class SummaryRow:
     nuclei_per_mm2: float | None = None
     time_s: float | None = None
     model: str | None = None
+    precision: str | None = None
     mpp: float | None = None
     warnings: tuple[str, ...] = ()
     report: str | None = None
@@ -99,11 +102,13 @@ def _row(slide: str, entry: dict[str, Any], out_dir: Path) -> SummaryRow:
     model = params.get("model") or (report.get("model") or {}).get("segmentor")
     if params.get("prompter"):
         model = f"{model} (prompter {params['prompter']})"
+    precision = (report.get("model") or {}).get("precision")
     html_path = report_path.with_name(report_path.name[: -len(".json")] + ".html")
     shown = html_path if html_path.is_file() else report_path
     return SummaryRow(
         slide, state, nuclei=nuclei, tissue_area_mm2=tissue, nuclei_per_mm2=per_mm2,
-        time_s=_rounded((report.get("timings_s") or {}).get("total")), model=model, mpp=report.get("mpp"),
+        time_s=_rounded((report.get("timings_s") or {}).get("total")), model=model,
+        precision=str(precision) if precision else None, mpp=report.get("mpp"),
         warnings=_warnings(report), report=os.path.relpath(shown, out_dir),
     )
 
@@ -166,7 +171,7 @@ def render_csv(rows: list[SummaryRow]) -> str:
     for r in rows:
         writer.writerow([
             r.slide, r.state, r.reason or "", _cell(r.nuclei), _cell(r.tissue_area_mm2), _cell(r.nuclei_per_mm2),
-            _cell(r.time_s), r.model or "", _cell(r.mpp), "; ".join(r.warnings), r.report or "",
+            _cell(r.time_s), r.model or "", r.precision or "", _cell(r.mpp), "; ".join(r.warnings), r.report or "",
         ])
     return buffer.getvalue()
 
@@ -195,8 +200,8 @@ def render_html(rows: list[SummaryRow], *, title: str = "wsiseg summary") -> str
     finished = [r for r in rows if r.nuclei is not None and r.state in ("done", "skipped")]
     ordered = sorted(states.items(), key=lambda kv: _ORDER.get(kv[0], 1))
     counts = ", ".join(f"{n} {s}" for s, n in ordered) or "no slides"
-    head = ["slide", "state", "reason", "nuclei", "tissue mm²", "nuclei / mm²", "time (s)", "model", "mpp",
-            "warnings"]
+    head = ["slide", "state", "reason", "nuclei", "tissue mm²", "nuclei / mm²", "time (s)", "model", "precision",
+            "mpp", "warnings"]
     lines = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -211,7 +216,8 @@ def render_html(rows: list[SummaryRow], *, title: str = "wsiseg summary") -> str
             f'<td title="{html.escape(r.slide)}">{link}</td>', f"<td>{html.escape(r.state)}</td>",
             f"<td>{html.escape(r.reason or '')}</td>",
             *(f'<td class="num">{_cell(v)}</td>' for v in (r.nuclei, r.tissue_area_mm2, r.nuclei_per_mm2, r.time_s)),
-            f"<td>{html.escape(r.model or '')}</td>", f'<td class="num">{_cell(r.mpp)}</td>',
+            f"<td>{html.escape(r.model or '')}</td>", f"<td>{html.escape(r.precision or '')}</td>",
+            f'<td class="num">{_cell(r.mpp)}</td>',
             "<td>" + "<br>".join(html.escape(w) for w in r.warnings) + "</td>",
         ]
         lines.append(f'<tr class="{html.escape(r.state)}">' + "".join(cells) + "</tr>")
