@@ -17,6 +17,8 @@ _COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj"
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--model", default="wsiseg-tiny", show_default=True,
               help="The model the run will use (see `wsiseg models list`); times and memory are measured with it.")
+@click.option("--prompter", default=None,
+              help="The prompter the run will use instead of the model's own (wsiseg run --prompter).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
               help="auto: CUDA when a GPU is present, else the CPU (as `wsiseg run`).")
 @click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px for slides that lack it.")
@@ -25,7 +27,7 @@ _COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj"
               help="Estimate a run at this network arithmetic (wsiseg run --precision; default: the model's own).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list (one object per slide) instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details to the terminal.")
-def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | None, tta: bool,
+def check_command(paths: tuple[str, ...], model: str, prompter: str | None, device: str, mpp: float | None, tta: bool,
                   precision: str | None, as_json: bool, verbose: bool) -> None:
     """Open every slide of PATHS (files, folders, manifest .csv files), sample the pipeline on
     its tissue and estimate tiles, nuclei, time and memory.  Exit code 1 when any slide is
@@ -51,7 +53,8 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
         _fail(f"no slides found in {', '.join(paths)}", None)
         sys.exit(2)
     try:
-        loaded = load_model(CheckConfig(model=model, device=device, mpp=mpp, tta=tta, precision=precision))
+        loaded = load_model(CheckConfig(model=model, prompter=prompter, device=device, mpp=mpp, tta=tta,
+                                        precision=precision))
     except Exception as exc:  # noqa: BLE001 - whatever stops the model loading, the fix is an option (as run)
         _fail(str(exc) or f"--model {model}: {type(exc).__name__}", None)
         sys.exit(2)
@@ -67,11 +70,12 @@ def check_command(paths: tuple[str, ...], model: str, device: str, mpp: float | 
     if as_json:
         click.echo(json.dumps([{**c.to_json(), "network_precision": precision} for c in checks], indent=2))
     else:
-        _print_table(checks, model, device, loaded.load_s, precision)
+        _print_table(checks, model, prompter, device, loaded.load_s, precision)
     sys.exit(1 if any(c.verdict == "unusable" for c in checks) else 0)
 
 
-def _print_table(checks: list[Any], model: str, device: str, load_s: float, precision: str | None) -> None:
+def _print_table(checks: list[Any], model: str, prompter: str | None, device: str, load_s: float,
+                 precision: str | None) -> None:
     names = _short_names([Path(c.path) for c in checks])
     rows = [[names[i], *_cells(c)[1:]] for i, c in enumerate(checks)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_COLUMNS)]
@@ -93,7 +97,8 @@ def _print_table(checks: list[Any], model: str, device: str, load_s: float, prec
         click.echo(counts)
         return
     arithmetic = f" --precision {precision}" if precision else ""
-    click.echo(f"estimates for --model {model} --device {device}{arithmetic}, one process (model load {load_s:.1f} s); "
+    points = f" --prompter {prompter}" if prompter else ""
+    click.echo(f"estimates for --model {model}{points} --device {device}{arithmetic}, one process (model load {load_s:.1f} s); "
                "Dask workers share the time and each needs the memory shown")
     total = sum(timed) - load_s * max(len(timed) - 1, 0)  # a run loads the model once, not per slide
     click.echo(f"{counts}; about {_duration(total)} in all as one run (each row's time includes the model load, "

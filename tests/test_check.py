@@ -188,3 +188,23 @@ def test_precision_is_estimated_with_the_network_a_run_loads_and_refused_where_a
     assert "estimates for --model wsiseg-tiny --device auto --precision fp32" in shown.output
     as_json = CliRunner().invoke(main, ["check", str(svs_slide), "--precision", "fp32", "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.output)[0]["network_precision"] == "fp32"
+
+
+def test_prompter_is_estimated_with_the_prompter_a_run_loads_and_refused_where_a_run_refuses_it(
+    svs_slide: Path,
+) -> None:
+    from wsiseg.models.tiny.prompter import TinyPrompter
+    from wsiseg.preflight import CheckConfig, load_model
+
+    loaded = load_model(CheckConfig(model="classical", prompter="wsiseg-tiny", device="cpu"))
+    assert isinstance(loaded.prompter, TinyPrompter)
+    assert not isinstance(load_model(CheckConfig(model="classical", device="cpu")).prompter, TinyPrompter)
+    shown = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--prompter", "wsiseg-tiny",
+                                      "--json"])
+    assert shown.exit_code == 0, shown.output
+    [row] = json.loads(shown.output)
+    assert row["verdict"] == "ok" and row["nuclei"] > 0 and row["network_precision"] in ("fp32", "bf16")
+    table = CliRunner().invoke(main, ["check", str(svs_slide), "--model", "classical", "--prompter", "wsiseg-tiny"])
+    assert "estimates for --model classical --prompter wsiseg-tiny --device auto" in table.output
+    refused = CliRunner().invoke(main, ["check", str(svs_slide), "--prompter", "no-such-model"])
+    assert refused.exit_code == 2 and "no-such-model" in refused.output

@@ -41,10 +41,12 @@ MEMORY_WARNING_SHARE = 0.8
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """How `check_slide` samples: the model, device, test-time augmentation (--tta) and network
-    precision (--precision; None: the model's own) a run will use, and the default mpp."""
+    """How `check_slide` samples: the model, prompter (--prompter; None: the model's own), device,
+    test-time augmentation (--tta) and network precision (--precision; None: the model's own) a
+    run will use, and the default mpp."""
 
     model: str = "wsiseg-tiny"
+    prompter: str | None = None
     device: str = "auto"
     mpp: float | None = None
     tta: bool = False
@@ -115,14 +117,14 @@ def load_model(config: CheckConfig) -> LoadedModel:
 
     t = time.perf_counter()
     _, prompter, segmentor = load_run_models(
-        RunConfig(model=config.model, device=config.device, tta=config.tta, precision=config.precision)
+        RunConfig(model=config.model, prompter=config.prompter, device=config.device, tta=config.tta, precision=config.precision)
     )
     if prompter is not None:
         with tempfile.TemporaryDirectory(prefix="wsiseg-check-") as tmp:
             image = Path(tmp) / "warm-up.png"
             mpp = min(max(float(segmentor.mpp), 0.05), 10.0)
             write_png(image, SyntheticSpec(256, 256, mpp=mpp, tissue_fraction=1.0))
-            warm = RunConfig(model=config.model, device=config.device, mpp=mpp, tissue_detection=False,
+            warm = RunConfig(model=config.model, prompter=config.prompter, device=config.device, mpp=mpp, tissue_detection=False,
                              tta=config.tta, precision=config.precision,
                              scheduler=SchedulerConfig(scheduler="synchronous"))
             run_slide(image, Path(tmp) / "out", warm)
@@ -226,7 +228,7 @@ def _sampled(
         roi_file = Path(tmp) / "sample.geojson"
         roi_file.write_text(json.dumps(shapely.geometry.mapping(region)))
         run_config = RunConfig(
-            model=config.model, device=config.device, mpp=override, tissue_detection=False, roi=roi_file,
+            model=config.model, prompter=config.prompter, device=config.device, mpp=override, tissue_detection=False, roi=roi_file,
             tta=config.tta, precision=config.precision, scheduler=SchedulerConfig(scheduler="synchronous"),
         )
         try:
