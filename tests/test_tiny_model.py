@@ -635,3 +635,16 @@ def test_contact_weight_adds_a_contact_channel_and_weighs_those_pixels_in_the_lo
     assert float(weighted["distance"]) == pytest.approx(float(((1 + 4 * contact) * squared).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="contact_weight"):
         _recipe(tmp_path, contact_weight=-1.0)
+
+
+def test_sample_by_image_draws_every_image_alike_and_area_in_proportion_to_its_size(tmp_path: Path) -> None:
+    from wsiseg.training.tiny import TinyTask, split_items
+
+    by_area = _recipe(tmp_path, mpp_overrides={"img11": 0.5})  # img11 resampled 2x up: 4x the area
+    task = TinyTask(by_area, *split_items(by_area))
+    sizes = {lab.size for _, lab in task.images}
+    assert sorted(task.weights) == pytest.approx([0.2, 0.8]) and len(sizes) == 2
+    by_image = _recipe(tmp_path, mpp_overrides={"img11": 0.5}, sample_by="image")
+    assert list(TinyTask(by_image, *split_items(by_image)).weights) == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="sample_by"):
+        _recipe(tmp_path, sample_by="nucleus")

@@ -1,7 +1,8 @@
 """`wsiseg train tiny`: train wsiseg-tiny (one UNet, three maps) from labelled images.
 
 Recipe (a TOML file, see `recipes/wsiseg-tiny.toml`): every image is resampled to the model's
-mpp; each step draws `batch_size` images (probability proportional to their area), a random
+mpp; each step draws `batch_size` images (probability proportional to their area at the model's
+mpp, or equal for every image with `sample_by = "image"`), a random
 window of each (scale jitter around the model mpp, flips, 90° rotations, HED stain jitter,
 blur, JPEG; `wsiseg.training.augment`), computes the dense targets of `wsiseg.training.targets`
 on the window with a margin (so nuclei cut by the crop keep their own centroid and distance)
@@ -104,6 +105,9 @@ class TinyRecipe:
     #: module docstring); 0 turns it off
     contact_weight: float = 0.0
     contact_px: int = 3
+    #: how training crops are drawn: "area" (each image in proportion to its area at the model's
+    #: mpp, so an image resampled 2x up is drawn 4x as often) or "image" (every image alike)
+    sample_by: str = "area"
 
     def __post_init__(self) -> None:
         if bool(self.init_bundle) != bool(self.init_sha256):
@@ -120,6 +124,8 @@ class TinyRecipe:
             raise ValueError("a teacher_bundle needs distill_weight > 0 (e.g. 1.0), or remove teacher_bundle")
         if self.contact_weight < 0 or self.contact_px < 1:
             raise ValueError(f"contact_weight must be >= 0 and contact_px >= 1, got {self.contact_weight}, {self.contact_px}")
+        if self.sample_by not in ("area", "image"):
+            raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:
             raise ValueError(f"data_mpp must be > 0 (or 0: none), got {self.data_mpp}")
         if self.crop_px % (2 ** (self.levels - 1)):
@@ -216,6 +222,8 @@ class TinyTask:
         self.val = val
         self.images = [to_model_mpp(it, recipe.mpp, recipe.mpp_overrides.get(it.name)) for it in train]
         areas = np.array([lab.size for _, lab in self.images], np.float64)
+        if recipe.sample_by == "image":
+            areas = np.ones_like(areas)
         self.weights = areas / areas.sum()
         self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
         self.teacher = load_teacher(recipe) if recipe.distill_weight > 0 else None  # checked first
