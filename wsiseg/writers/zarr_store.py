@@ -22,13 +22,15 @@ Layout of ``<stem>.zarr`` (all coordinates level-0 px, OpenSlide frame, pixel ed
     labels/nuclei    OME-Zarr 0.5 uint32 label pyramid (see wsiseg.writers.labels)
 
 Writing streams: `ZarrWriter.write` appends each batch to raw spool files inside ``<stem>.zarr.partial-<hex>``;
-`close` sorts by tile (only N int64 keys in memory), gathers rows block by block from memory-mapped spools,
-paints the label raster one shard at a time (in a second thread while the table is written), marks the
-store complete and renames it onto the final name.
+`close` sorts by tile (only N int64 keys in memory), gathers rows block by block from memory-mapped spools
+(every table array created at once, and a block's pieces of all of them written at once, through zarr's
+asyncio API), paints the label raster one shard at a time (in a second thread while the table is written),
+marks the store complete and renames it onto the final name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import logging
 import math
@@ -37,13 +39,15 @@ import shutil
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import shapely
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync as zarr_sync
 
 from wsiseg._version import __version__
 from wsiseg.disk_space import names_full_disk
@@ -150,7 +154,10 @@ def _slide_info(
 
 
 class _Appender:
-    """Writes consecutive rows into a zarr array in whole-chunk pieces (the tail at `finish`)."""
+    """Cuts consecutive rows of a zarr array into whole-chunk writes (the tail at `finish`).
+
+    array: a zarr AsyncArray; `append` and `finish` return the writes (coroutines) to await,
+    in order."""
 
     def __init__(self, array: Any, chunk_rows: int) -> None:
         self.array, self.chunk_rows = array, chunk_rows
@@ -158,24 +165,68 @@ class _Appender:
         self._buf: list[np.ndarray] = []
         self._n = 0
 
-    def append(self, rows: np.ndarray) -> None:
+    def append(self, rows: np.ndarray) -> list[Coroutine[Any, Any, None]]:
         self._buf.append(rows)
         self._n += len(rows)
-        if self._n >= self.chunk_rows:
-            data = np.concatenate(self._buf)
-            cut = (len(data) // self.chunk_rows) * self.chunk_rows
-            self.array[self.pos : self.pos + cut] = data[:cut]
-            self.pos += cut
-            self._buf, self._n = [data[cut:]], len(data) - cut
+        if self._n < self.chunk_rows:
+            return []
+        data = np.concatenate(self._buf)
+        cut = (len(data) // self.chunk_rows) * self.chunk_rows
+        write = self.array.setitem(slice(self.pos, self.pos + cut), data[:cut])
+        self.pos += cut
+        self._buf, self._n = [data[cut:]], len(data) - cut
+        return [write]
 
-    def finish(self) -> None:
+    def finish(self) -> list[Coroutine[Any, Any, None]]:
+        writes = []
         if self._n:
             data = np.concatenate(self._buf)
-            self.array[self.pos : self.pos + len(data)] = data
+            writes.append(self.array.setitem(slice(self.pos, self.pos + len(data)), data))
             self.pos += len(data)
         self._buf, self._n = [], 0
         if self.pos != self.array.shape[0]:
             raise RuntimeError(f"internal error: wrote {self.pos} rows into an array of {self.array.shape[0]}")
+        return writes
+
+
+class _Ragged:
+    """geom_offsets, ring_offsets and coords of the sorted rows, block by block: `block` and
+    `finish` return the writes (coroutines) to await.  geom, rings, xy: zarr AsyncArrays."""
+
+    def __init__(self, writer: ZarrWriter, geom: Any, rings: Any, xy: Any) -> None:
+        self.spool, self.n = writer._spool, writer._n
+        self.ring_start, self.n_rings, self.coord_start, self.n_coords, self.ring_len, _ = writer._ragged_spool()
+        self.geom, self.rings, self.xy = geom, _Appender(rings, ROW_CHUNK), _Appender(xy, COORD_CHUNK)
+        self.ring_base = self.coord_base = 0
+
+    def block(self, start: int, idx: np.ndarray) -> list[Coroutine[Any, Any, None]]:
+        """Rows start .. start + len(idx) of the table, input rows `idx`."""
+        nr = self.n_rings[idx].astype(np.int64)
+        offsets = self.ring_base + np.cumsum(nr) - nr
+        ring_idx = concat_ranges(self.ring_start[idx], nr)
+        lengths = self.ring_len[ring_idx]
+        self.ring_base += len(ring_idx)
+        if start + len(idx) == self.n:  # the closing offset goes with the last block
+            offsets = np.append(offsets, self.ring_base)
+        writes = [self.geom.setitem(slice(start, start + len(offsets)), offsets)]
+        writes += self.rings.append(self.coord_base + np.cumsum(lengths) - lengths)
+        self.coord_base += int(lengths.sum())
+        return [*writes, self._coords(idx)]
+
+    async def _coords(self, idx: np.ndarray) -> None:
+        for part in np.array_split(np.arange(len(idx)), max(1, int(self.n_coords[idx].sum()) // COORD_CHUNK + 1)):
+            # a fresh map per piece: touched pages leave the process when it is dropped (flat RSS)
+            coords = self.spool.load("coords")
+            rows = concat_ranges(self.coord_start[idx[part]], self.n_coords[idx[part]])
+            pieces = self.xy.append(np.asarray(coords[rows]))
+            del coords
+            for write in pieces:
+                await write
+
+    def finish(self) -> list[Coroutine[Any, Any, None]]:
+        writes = [] if self.n else [self.geom.setitem(slice(0, 1), np.zeros(1, np.int64))]
+        ends = self.rings.append(np.array([self.coord_base], np.int64))
+        return [*writes, *ends, *self.rings.finish(), *self.xy.finish()]
 
 
 class ZarrWriter(StreamingWriter):
@@ -352,12 +403,12 @@ class ZarrWriter(StreamingWriter):
         ty = np.clip(np.floor(c[:, 1] / self.tile_size_l0), 0, n_ty - 1).astype(np.int64)
         return ty * n_tx + tx
 
-    def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str, chunk: int, shard: int) -> Any:
+    async def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str, chunk: int, shard: int) -> Any:
         rows = shape[0]
         chunk_rows = max(1, min(chunk, rows))
         shard_rows = chunk_rows * max(1, min(shard // chunk, -(-rows // chunk_rows)))
         tail = shape[1:]
-        return group.create_array(
+        return await group.create_array(
             name, shape=shape, dtype=dtype, chunks=(chunk_rows, *tail), shards=(shard_rows, *tail)
         )
 
@@ -383,22 +434,42 @@ class ZarrWriter(StreamingWriter):
         self._tile_offsets = tile_offsets
 
     def _write_objects(self) -> dict[str, int]:
+        """The object table, every array of it created at once and written block by block, the
+        blocks' pieces at once (zarr's asyncio API: the store and the codecs overlap their work).
+        Runs the coroutine on zarr's own event loop thread, as zarr's synchronous API does."""
+        return cast(dict[str, int], zarr_sync(self._write_objects_async()))
+
+    async def _write_objects_async(self) -> dict[str, int]:
         sp, n, order = self._spool, self._n, self._order
         n_tx, n_ty = self._grid()
-        objects = self._root.create_group("objects")
+        root = await zarr.api.asynchronous.open_group(store=str(self.partial), mode="r+")
+        objects = await root.create_group("objects")
         columns: list[tuple[str, np.ndarray | None, str, tuple[int, ...]]] = [("label_id", None, "u4", ())]
         columns += [(k, sp.load(k), dt, shp) for k, (dt, shp) in _OBJECT_COLUMNS.items()]
         columns += [(m, sp.load(f"m.{m}"), "f4", ()) for m in self._measurements or ()]
-        for name, source, dtype, shape in columns:
-            arr = self._array(objects, name, (n, *shape), dtype, ROW_CHUNK, ROW_SHARD)
-            for s in range(0, n, ROW_CHUNK):
-                idx = order[s : s + ROW_CHUNK]
-                arr[s : s + len(idx)] = (idx + 1).astype(np.uint32) if source is None else source[idx]
-        self._write_ragged(objects)
         tile_offsets = self._tile_offsets
-        tiles = objects.create_array("tile_offsets", shape=tile_offsets.shape, dtype="i8", chunks=tile_offsets.shape)
-        tiles[:] = tile_offsets
-        objects.attrs["wsiseg_objects"] = {
+        specs = [(name, (n, *shape), dtype, ROW_CHUNK, ROW_SHARD) for name, _, dtype, shape in columns]
+        specs += [
+            ("geom_offsets", (n + 1,), "i8", ROW_CHUNK, ROW_SHARD),
+            ("ring_offsets", (self._rings + 1,), "i8", ROW_CHUNK, ROW_SHARD),
+            ("coords", (self._coords, 2), "f8", COORD_CHUNK, COORD_SHARD),
+        ]
+        arrays = await asyncio.gather(
+            *(self._array(objects, *spec) for spec in specs),
+            objects.create_array("tile_offsets", shape=tile_offsets.shape, dtype="i8", chunks=tile_offsets.shape),
+        )
+        tiles = arrays.pop()
+        geom, rings, xy = arrays[len(columns) :]
+        ragged = _Ragged(self, geom, rings, xy)
+        for s in range(0, n, ROW_CHUNK):
+            idx = order[s : s + ROW_CHUNK]
+            writes = [
+                arr.setitem(slice(s, s + len(idx)), (idx + 1).astype(np.uint32) if source is None else source[idx])
+                for arr, (_, source, _, _) in zip(arrays, columns)
+            ]
+            await asyncio.gather(*writes, *ragged.block(s, idx))
+        await asyncio.gather(*ragged.finish(), tiles.setitem(slice(None), tile_offsets))
+        await objects.update_attributes({"wsiseg_objects": {
             "count": n,
             "n_rings": self._rings,
             "n_coords": self._coords,
@@ -410,37 +481,8 @@ class ZarrWriter(StreamingWriter):
             "measurements": list(self._measurements or ()),
             "classes": self._provenance["classes"],
             "coords": "level-0 px, pixel-edge frame, closed rings, exterior first",
-        }
+        }})
         return {"nuclei": n, "rings": self._rings, "coords": self._coords}
-
-    def _write_ragged(self, objects: Any) -> None:
-        """geom_offsets, ring_offsets and coords in sorted row order, gathered piece by piece."""
-        order = self._order
-        ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
-        geom = self._array(objects, "geom_offsets", (self._n + 1,), "i8", ROW_CHUNK, ROW_SHARD)
-        rings = _Appender(
-            self._array(objects, "ring_offsets", (self._rings + 1,), "i8", ROW_CHUNK, ROW_SHARD), ROW_CHUNK
-        )
-        xy = _Appender(self._array(objects, "coords", (self._coords, 2), "f8", COORD_CHUNK, COORD_SHARD), COORD_CHUNK)
-        ring_base = coord_base = 0
-        for s in range(0, self._n, ROW_CHUNK):
-            idx = order[s : s + ROW_CHUNK]
-            nr = n_rings[idx].astype(np.int64)
-            geom[s : s + len(idx)] = ring_base + np.cumsum(nr) - nr
-            ring_idx = concat_ranges(ring_start[idx], nr)
-            lengths = ring_len[ring_idx]
-            rings.append(coord_base + np.cumsum(lengths) - lengths)
-            for part in np.array_split(np.arange(len(idx)), max(1, int(n_coords[idx].sum()) // COORD_CHUNK + 1)):
-                # a fresh map per piece: touched pages leave the process when it is dropped (flat RSS)
-                coords = self._spool.load("coords")
-                xy.append(np.asarray(coords[concat_ranges(coord_start[idx[part]], n_coords[idx[part]])]))
-                del coords
-            ring_base += len(ring_idx)
-            coord_base += int(lengths.sum())
-        geom[self._n] = ring_base
-        rings.append(np.array([coord_base], np.int64))
-        rings.finish()
-        xy.finish()
 
     def _ragged_spool(self) -> tuple[np.ndarray, ...]:
         """Memmaps of ring_start, n_rings, coord_start, n_coords, ring_len, coords (input row order)."""
