@@ -40,6 +40,7 @@ from wsiseg.nuclei import NucleusTable
 from wsiseg.writers.report import jsonable
 from wsiseg.writers.base import StreamingWriter
 from wsiseg.writers.geojson_text import feature_texts, pieces
+from wsiseg.writers.simple_rings import certainly_valid
 
 __all__ = ["GeoJSONSummary", "GeoJSONWriter", "check_qupath_geojson", "make_qupath_valid"]
 
@@ -287,11 +288,14 @@ class GeoJSONWriter(StreamingWriter):
         """The kept nuclei's Features as one uint8 text, separated by ",\n", and the end of each."""
         coords = _round2(table.coords - np.asarray(self.offset_l0))
         ring_offsets, geom_offsets = table.ring_offsets, table.geom_offsets
-        polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
-        bad = ~shapely.is_valid(polys) | (shapely.area(polys) <= 0)
         keep = np.ones(len(table), bool)
-        if bad.any():
-            idx = np.flatnonzero(bad)
+        # GEOS checks only what the compiled test cannot vouch for (edge-traced outlines it can)
+        doubt = np.flatnonzero(~certainly_valid(coords, ring_offsets, geom_offsets))
+        idx = doubt
+        if len(doubt):
+            polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
+            idx = doubt[~shapely.is_valid(polys[doubt]) | (shapely.area(polys[doubt]) <= 0)]
+        if len(idx):
             fixed, _ = make_qupath_valid(polys[idx])
             dropped = np.array([g is None for g in fixed], bool)
             polys[idx] = fixed
