@@ -55,6 +55,7 @@ from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import MEASUREMENTS, NucleusTable
 from wsiseg.readers.base import SlideProperties
 from wsiseg.writers.labels import (
+    ShardCanvas,
     concat_ranges,
     create_label_pyramid,
     iter_shards,
@@ -503,7 +504,9 @@ class ZarrWriter(StreamingWriter):
         ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
         tile_offsets = self._tile_offsets
         n_tx, n_ty = self._grid()
-        for y0, y1, x0, x1 in iter_shards(shape, label_grid(shape)[1]):
+        shard = label_grid(shape)[1]
+        canvases = ShardCanvas(shard * shard)
+        for y0, y1, x0, x1 in iter_shards(shape, shard):
             box = (x0, y0, x1, y1)
             runs = _row_runs(tile_offsets, n_tx, n_ty, self.tile_size_l0, self._extent, box)
             objs = self._order[concat_ranges(runs[:, 0], runs[:, 1] - runs[:, 0])]
@@ -511,7 +514,7 @@ class ZarrWriter(StreamingWriter):
             objs = objs[(b[:, 2] > x0) & (b[:, 0] < x1) & (b[:, 3] > y0) & (b[:, 1] < y1)]
             if len(objs) == 0:
                 continue
-            canvas = np.zeros((y1 - y0, x1 - x0), np.uint32)
+            canvas = canvases.take(y1 - y0, x1 - x0)
             coords = self._spool.load("coords")  # re-mapped per shard, so RSS stays flat
             for part in np.array_split(objs, -(-len(objs) // 16384)):  # pixels keep the max label: any order
                 nr = n_rings[part].astype(np.int64)
