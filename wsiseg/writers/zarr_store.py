@@ -39,7 +39,7 @@ import shutil
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -64,6 +64,7 @@ from wsiseg.writers.labels import (
     write_label_block,
 )
 from wsiseg.writers.report import jsonable
+from wsiseg.writers.zarr_rows import RaggedRows
 from wsiseg.writers.base import StreamingWriter
 
 __all__ = ["NucleiStore", "NucleiStoreError", "ZarrWriter", "open_nuclei"]
@@ -152,82 +153,6 @@ def _slide_info(
         raise ValueError(f"ZarrWriter slide: width/height must be >= 1, got {info['width']} x {info['height']}")
     info["width"], info["height"] = int(info["width"]), int(info["height"])
     return jsonable(info)
-
-
-class _Appender:
-    """Cuts consecutive rows of a zarr array into whole-chunk writes (the tail at `finish`).
-
-    array: a zarr AsyncArray; `append` and `finish` return the writes (coroutines) to await,
-    in order."""
-
-    def __init__(self, array: Any, chunk_rows: int) -> None:
-        self.array, self.chunk_rows = array, chunk_rows
-        self.pos = 0
-        self._buf: list[np.ndarray] = []
-        self._n = 0
-
-    def append(self, rows: np.ndarray) -> list[Coroutine[Any, Any, None]]:
-        self._buf.append(rows)
-        self._n += len(rows)
-        if self._n < self.chunk_rows:
-            return []
-        data = np.concatenate(self._buf)
-        cut = (len(data) // self.chunk_rows) * self.chunk_rows
-        write = self.array.setitem(slice(self.pos, self.pos + cut), data[:cut])
-        self.pos += cut
-        self._buf, self._n = [data[cut:]], len(data) - cut
-        return [write]
-
-    def finish(self) -> list[Coroutine[Any, Any, None]]:
-        writes = []
-        if self._n:
-            data = np.concatenate(self._buf)
-            writes.append(self.array.setitem(slice(self.pos, self.pos + len(data)), data))
-            self.pos += len(data)
-        self._buf, self._n = [], 0
-        if self.pos != self.array.shape[0]:
-            raise RuntimeError(f"internal error: wrote {self.pos} rows into an array of {self.array.shape[0]}")
-        return writes
-
-
-class _Ragged:
-    """geom_offsets, ring_offsets and coords of the sorted rows, block by block: `block` and
-    `finish` return the writes (coroutines) to await.  geom, rings, xy: zarr AsyncArrays."""
-
-    def __init__(self, writer: ZarrWriter, geom: Any, rings: Any, xy: Any) -> None:
-        self.spool, self.n = writer._spool, writer._n
-        self.ring_start, self.n_rings, self.coord_start, self.n_coords, self.ring_len, _ = writer._ragged_spool()
-        self.geom, self.rings, self.xy = geom, _Appender(rings, ROW_CHUNK), _Appender(xy, COORD_CHUNK)
-        self.ring_base = self.coord_base = 0
-
-    def block(self, start: int, idx: np.ndarray) -> list[Coroutine[Any, Any, None]]:
-        """Rows start .. start + len(idx) of the table, input rows `idx`."""
-        nr = self.n_rings[idx].astype(np.int64)
-        offsets = self.ring_base + np.cumsum(nr) - nr
-        ring_idx = concat_ranges(self.ring_start[idx], nr)
-        lengths = self.ring_len[ring_idx]
-        self.ring_base += len(ring_idx)
-        if start + len(idx) == self.n:  # the closing offset goes with the last block
-            offsets = np.append(offsets, self.ring_base)
-        writes = [self.geom.setitem(slice(start, start + len(offsets)), offsets)]
-        writes += self.rings.append(self.coord_base + np.cumsum(lengths) - lengths)
-        self.coord_base += int(lengths.sum())
-        return [*writes, self._coords(idx)]
-
-    async def _coords(self, idx: np.ndarray) -> None:
-        for part in np.array_split(np.arange(len(idx)), max(1, int(self.n_coords[idx].sum()) // COORD_CHUNK + 1)):
-            # a fresh map per piece: touched pages leave the process when it is dropped (flat RSS)
-            coords = self.spool.load("coords")
-            rows = concat_ranges(self.coord_start[idx[part]], self.n_coords[idx[part]])
-            pieces = self.xy.append(np.asarray(coords[rows]))
-            del coords
-            for write in pieces:
-                await write
-
-    def finish(self) -> list[Coroutine[Any, Any, None]]:
-        writes = [] if self.n else [self.geom.setitem(slice(0, 1), np.zeros(1, np.int64))]
-        ends = self.rings.append(np.array([self.coord_base], np.int64))
-        return [*writes, *ends, *self.rings.finish(), *self.xy.finish()]
 
 
 class ZarrWriter(StreamingWriter):
@@ -461,7 +386,10 @@ class ZarrWriter(StreamingWriter):
         )
         tiles = arrays.pop()
         geom, rings, xy = arrays[len(columns) :]
-        ragged = _Ragged(self, geom, rings, xy)
+        ragged = RaggedRows(
+            n, self._ragged_spool()[:5], lambda: self._spool.load("coords"), geom, rings, xy,
+            ring_chunk=ROW_CHUNK, coord_chunk=COORD_CHUNK,
+        )
         for s in range(0, n, ROW_CHUNK):
             idx = order[s : s + ROW_CHUNK]
             writes = [
@@ -471,16 +399,10 @@ class ZarrWriter(StreamingWriter):
             await asyncio.gather(*writes, *ragged.block(s, idx))
         await asyncio.gather(*ragged.finish(), tiles.setitem(slice(None), tile_offsets))
         await objects.update_attributes({"wsiseg_objects": {
-            "count": n,
-            "n_rings": self._rings,
-            "n_coords": self._coords,
-            "tile_size": self.tile_size_l0,
-            "n_tiles_x": n_tx,
-            "n_tiles_y": n_ty,
-            "max_object_extent": self._extent,
+            "count": n, "n_rings": self._rings, "n_coords": self._coords, "tile_size": self.tile_size_l0,
+            "n_tiles_x": n_tx, "n_tiles_y": n_ty, "max_object_extent": self._extent,
             "sort": "tile-major by centroid (t = ty * n_tiles_x + tx), then label_id",
-            "measurements": list(self._measurements or ()),
-            "classes": self._provenance["classes"],
+            "measurements": list(self._measurements or ()), "classes": self._provenance["classes"],
             "coords": "level-0 px, pixel-edge frame, closed rings, exterior first",
         }})
         return {"nuclei": n, "rings": self._rings, "coords": self._coords}
