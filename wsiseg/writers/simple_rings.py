@@ -46,18 +46,23 @@ def certainly_valid(coords: np.ndarray, ring_offsets: np.ndarray, geom_offsets: 
 def _certainly_valid(coords: np.ndarray, ring_offsets: np.ndarray, geom_offsets: np.ndarray) -> np.ndarray:
     n = geom_offsets.shape[0] - 1
     out = np.zeros(n, np.bool_)
+    boxes = np.empty((64, 4), np.float64)  # scratch: one box per segment, grown as needed
     for p in range(n):
         if geom_offsets[p + 1] - geom_offsets[p] != 1:
             continue  # holes: GEOS
         r = geom_offsets[p]
-        out[p] = _simple_rectilinear(coords, ring_offsets[r], ring_offsets[r + 1])
+        k = ring_offsets[r + 1] - ring_offsets[r] - 1
+        if boxes.shape[0] < k:
+            boxes = np.empty((max(k, 2 * boxes.shape[0]), 4), np.float64)
+        out[p] = _simple_rectilinear(coords, ring_offsets[r], ring_offsets[r + 1], boxes)
     return out
 
 
 @compiled
-def _simple_rectilinear(coords: np.ndarray, start: int, end: int) -> bool:
+def _simple_rectilinear(coords: np.ndarray, start: int, end: int, boxes: np.ndarray) -> bool:
     """Whether coords[start:end] (closed: last == first) is a simple rectilinear ring with
-    integer vertices, alternating horizontal and vertical segments of non-zero length."""
+    integer vertices, alternating horizontal and vertical segments of non-zero length.
+    boxes: scratch of at least end - start - 1 rows."""
     k = end - start - 1  # segments (= corners)
     if k < 4 or k > MAX_CORNERS or k % 2:
         return False
@@ -82,18 +87,12 @@ def _simple_rectilinear(coords: np.ndarray, start: int, end: int) -> bool:
             return False
         if horizontal != (first_horizontal == (s % 2 == 0)):
             return False
+        boxes[s, 0], boxes[s, 1] = min(coords[a, 0], coords[b, 0]), min(coords[a, 1], coords[b, 1])
+        boxes[s, 2], boxes[s, 3] = max(coords[a, 0], coords[b, 0]), max(coords[a, 1], coords[b, 1])
     # no two non-adjacent segments meet (segments s and s + 1, and the last and the first, are adjacent)
     for s in range(k - 2):
-        a, b = start + s, start + s + 1
-        sx0, sx1 = min(coords[a, 0], coords[b, 0]), max(coords[a, 0], coords[b, 0])
-        sy0, sy1 = min(coords[a, 1], coords[b, 1]), max(coords[a, 1], coords[b, 1])
+        sx0, sy0, sx1, sy1 = boxes[s, 0], boxes[s, 1], boxes[s, 2], boxes[s, 3]
         for t in range(s + 2, k - 1 if s == 0 else k):
-            c, d = start + t, start + t + 1
-            if (
-                max(coords[c, 0], coords[d, 0]) >= sx0
-                and min(coords[c, 0], coords[d, 0]) <= sx1
-                and max(coords[c, 1], coords[d, 1]) >= sy0
-                and min(coords[c, 1], coords[d, 1]) <= sy1
-            ):
+            if boxes[t, 2] >= sx0 and boxes[t, 0] <= sx1 and boxes[t, 3] >= sy0 and boxes[t, 1] <= sy1:
                 return False
     return True
