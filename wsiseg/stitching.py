@@ -12,7 +12,7 @@ equals its pixel count; level-0 polygons are clipped to the slide (and its bound
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -93,6 +93,23 @@ class TileOutlines:
     class_id: np.ndarray
 
 
+@dataclass(frozen=True)
+class TileInput:
+    """One segmentor tile as `batch_outlines` takes it.
+
+    origin_px: (x0, y0) of the tile in the working frame.  masks: one per prompt, owned first,
+    then context.  n_owned: how many prompts the tile owns.  prompt_ids, prompt_score,
+    prompt_class: (P,) global prompt index (int64), prompter score and class of each prompt.
+    """
+
+    origin_px: tuple[int, int]
+    masks: TileMasks
+    n_owned: int
+    prompt_ids: np.ndarray
+    prompt_score: np.ndarray
+    prompt_class: np.ndarray
+
+
 def tile_outlines(
     *,
     tile_origin_px: tuple[int, int],
@@ -113,18 +130,6 @@ def tile_outlines(
                    prompt_class)],
         np.asarray(image)[None], min_area_px=min_area_px, image_size_px=image_size_px,
     )
-
-
-@dataclass(frozen=True)
-class TileInput:
-    """One segmentor tile as `batch_outlines` takes it (see `stitch_tile` for the fields)."""
-
-    origin_px: tuple[int, int]
-    masks: TileMasks
-    n_owned: int
-    prompt_ids: np.ndarray
-    prompt_score: np.ndarray
-    prompt_class: np.ndarray
 
 
 def batch_outlines(
