@@ -203,12 +203,29 @@ def test_bad_arguments_are_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def _number_texts(values: np.ndarray, decimals: int) -> list[str]:
-    scratch, out = np.empty(32, np.uint8), []
+    out = []
     for v in values:
         buf = np.empty(32, np.uint8)
-        used = _put_number(buf, 0, float(v), decimals, scratch)
+        used = _put_number(buf, 0, float(v), decimals)
         out.append(bytes(buf[:used]).decode())
     return out
+
+
+def _fixed_point(value: float, decimals: int) -> str:
+    """The number text by its definition: rint(value * 10**decimals) with the point put back,
+    trailing zeros after it dropped, no point when nothing is left after it."""
+    n = int(np.rint(value * float(10**decimals)))
+    digits = str(abs(n)).rjust(decimals + 1, "0")
+    whole, frac = digits[: len(digits) - decimals], digits[len(digits) - decimals :].rstrip("0")
+    return ("-" if n < 0 else "") + whole + ("." + frac if frac else "")
+
+
+def test_number_text_follows_its_definition_for_every_decimals() -> None:
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.uniform(-3e4, 3e4, 300), rng.uniform(-1, 1, 300), 10.0 ** rng.integers(-9, 9, 100),
+                             [0.0, -0.0, 1e-9, -5e-9, 100.0, 0.1, 7.0]])
+    for decimals in range(9):
+        assert _number_texts(values, decimals) == [_fixed_point(float(v), decimals) for v in values], decimals
 
 
 def test_number_text_parses_back_to_the_rounded_values(tmp_path: Path) -> None:

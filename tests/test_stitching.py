@@ -168,10 +168,99 @@ def test_level0_polygons_are_clipped_to_the_slide() -> None:
 def test_a_mask_box_outside_the_tile_is_refused_before_painting() -> None:
     import pytest
 
-    from wsiseg.stitching import resolve_overlaps
+    from wsiseg.stitching import TileInput, batch_outlines
 
-    inside = TileMasks(np.array([[2, 2, 6, 6]]), [np.ones((4, 4), bool)], np.ones(1))
-    assert resolve_overlaps((8, 8), inside, np.zeros(1)).sum() == 16
+    def outlines(box: list[int], mask: np.ndarray, n_tiles: int = 1) -> object:
+        ok = TileMasks(np.array([[2, 2, 6, 6]]), [np.ones((4, 4), bool)], np.ones(1))
+        tile = TileMasks(np.array([box]), [mask], np.ones(1))
+        ids, score, cls = np.zeros(1, np.int64), np.ones(1, np.float32), np.zeros(1, np.int16)
+        tiles = [TileInput((0, 0), ok, 1, ids, score, cls)] * (n_tiles - 1) + [TileInput((0, 0), tile, 1, ids, score, cls)]
+        return batch_outlines(tiles, np.zeros((n_tiles, 8, 8, 3), np.uint8))
+
+    assert outlines([2, 2, 6, 6], np.ones((4, 4), bool)).values[0, 0] == 16
     for box, mask in (([5, 5, 10, 10], np.ones((5, 5), bool)), ([0, 0, 4, 4], np.ones((3, 3), bool))):
-        with pytest.raises(ValueError, match="segmentor mask 0"):
-            resolve_overlaps((8, 8), TileMasks(np.array([box]), [mask], np.ones(1)), np.zeros(1))
+        for n_tiles in (1, 3):  # the mask's index in its own tile, wherever the tile is in the batch
+            with pytest.raises(ValueError, match="segmentor mask 0"):
+                outlines(box, mask, n_tiles)
+
+
+def _one_tile_reference(tile: object, image: np.ndarray, image_size: tuple[int, int], min_area: int) -> list:
+    """A tile's owned nuclei the way they were found one tile at a time, with the kernels
+    called one by one: (corners, values, touches, score, iou, class) per nucleus."""
+    from wsiseg import stitch_kernels as kernels
+    from wsiseg.stain import hematoxylin_tables
+
+    h, w = image.shape[:2]
+    masks = tile.masks
+    canvas = np.zeros((h, w), np.int32)
+    order = np.lexsort((-np.asarray(tile.prompt_ids), masks.iou))
+    priority = np.empty(len(order), np.int64)
+    priority[order] = np.arange(len(order))
+    box = masks.bbox_px.astype(np.int64)
+    used = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    sizes = np.where(used, np.array([m.size for m in masks.masks], np.int64), 0)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    flat = np.concatenate([m.ravel() for m, u in zip(masks.masks, used) if u] or [np.zeros(0, bool)])
+    kernels.paint_masks(canvas, masks.bbox_px, flat, offsets, np.argsort(priority, kind="stable"))
+    ox, oy = tile.origin_px
+    canvas[:, : max(0, -ox)] = 0
+    canvas[: max(0, -oy)] = 0
+    canvas[:, max(0, image_size[0] - ox) :] = 0
+    canvas[max(0, image_size[1] - oy) :] = 0
+    kernels.absorb_enclosed(canvas, masks.bbox_px)
+    idx, ends, corners, values = kernels.owned_nuclei(
+        canvas, masks.bbox_px, tile.n_owned, image, hematoxylin_tables(), float(min_area)
+    )
+    out = []
+    for k, i in enumerate(idx):
+        ring = corners[(ends[k - 1] if k else 0) : ends[k]] + box[i, :2] + [ox, oy]
+        edge = box[i, 0] == 0 or box[i, 1] == 0 or box[i, 2] == w or box[i, 3] == h
+        out.append((ring, values[k], edge, tile.prompt_score[i], masks.iou[i], tile.prompt_class[i]))
+    return out
+
+
+def test_a_batch_of_tiles_gives_the_nuclei_of_each_tile_stitched_alone_bit_for_bit() -> None:
+    from wsiseg.stitching import TileInput, batch_outlines
+
+    rng = np.random.default_rng(3)
+    shape, image_size = (48, 48), (150, 110)
+    for trial in range(25):
+        tiles, images = [], rng.integers(0, 256, (5, *shape, 3), dtype=np.uint8)
+        for t in range(5):
+            n = int(rng.integers(0, 14))
+            dense = np.stack([_disk(shape, *rng.uniform(0, 48, 2), rng.uniform(1, 9)) for _ in range(n)] or
+                             [np.zeros(shape, bool)])[:n]
+            dense &= rng.random(dense.shape) < 0.93  # ragged masks: holes, several parts, corner contacts
+            iou = rng.choice([0.5, 0.7, 0.9], n).astype(np.float32)  # ties: the lower prompt id wins
+            origin = (int(rng.integers(-20, 140)), int(rng.integers(-20, 100)))  # some tiles cross the image edge
+            ids = rng.permutation(100)[:n]
+            tiles.append(TileInput(origin, TileMasks.from_dense(dense, iou), int(rng.integers(0, n + 1)), ids,
+                                   rng.random(n).astype(np.float32), rng.integers(-1, 3, n).astype(np.int16)))
+        got = batch_outlines(tiles, images, min_area_px=3, image_size_px=image_size)
+        want = [row for tile, image in zip(tiles, images) for row in _one_tile_reference(tile, image, image_size, 3)]
+        if not want:
+            assert got is None
+            continue
+        assert got is not None and len(got.values) == len(want), trial
+        starts = np.concatenate([[0], got.ends[:-1]])
+        for k, (ring, values, edge, score, iou, cls) in enumerate(want):
+            np.testing.assert_array_equal(got.corners[starts[k] : got.ends[k]], ring)
+            assert got.values[k].tobytes() == values.tobytes()
+            assert (got.touches[k], got.score[k], got.iou[k], got.class_id[k]) == (edge, score, iou, cls)
+
+
+def test_unclipped_table_holds_what_shapely_reads_back_from_its_polygons() -> None:
+    from wsiseg.nuclei import NucleusTable
+
+    shape = (64, 64)
+    rng = np.random.default_rng(5)
+    dense = np.stack([_disk(shape, *rng.uniform(8, 56, 2), rng.uniform(3, 8)) for _ in range(12)])
+    dense &= rng.random(dense.shape) < 0.95
+    for scale, clip in ((1.0, None), ((1.37, 0.91), None), (0.5, (0.0, 0.0, 1e6, 1e6))):
+        table = _stitch_all(shape, list(dense), list(rng.random(12)), n_owned=12,
+                            transform=FrameTransform(scale, 0.5, clip_l0=clip))
+        assert len(table) > 5
+        again = NucleusTable.from_polygons(table.polygons(), table.class_id, table.measurements, table.touches_edge)
+        for name in ("coords", "ring_offsets", "geom_offsets", "centroid_l0", "bbox_l0", "area_px"):
+            got, want = getattr(table, name), getattr(again, name)
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name

@@ -79,6 +79,23 @@ def test_table_round_trips_exactly_including_holes(tmp_path: Path) -> None:
     assert [c.name for c in store.classes] == ["Neoplastic", "Immune"]
 
 
+def test_a_table_written_in_many_blocks_equals_one_written_in_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiseg.writers.zarr_store as zarr_store
+
+    table = make_table(blob_polygons(300, 1200, 900))
+    one = open_nuclei(write_store(tmp_path / "one.zarr", batches(table, 70), tile_size_l0=256)).table()
+    # blocks of 32 rows and 100 coordinates: several writes per shard, the rings' ends cut anywhere
+    for name, value in (("ROW_CHUNK", 32), ("ROW_SHARD", 64), ("COORD_CHUNK", 100), ("COORD_SHARD", 300)):
+        monkeypatch.setattr(zarr_store, name, value)
+    many = open_nuclei(write_store(tmp_path / "many.zarr", batches(table, 70), tile_size_l0=256)).table()
+    for name in ("coords", "ring_offsets", "geom_offsets", "centroid_l0", "bbox_l0", "class_id", "area_px"):
+        assert np.array_equal(getattr(many, name), getattr(one, name)), name
+    for m in MEASUREMENTS:
+        assert np.array_equal(many.measurements[m], one.measurements[m]), m
+
+
 def test_rows_are_tile_major_and_the_tile_index_points_at_them(tmp_path: Path) -> None:
     table = make_table(blob_polygons(400, 1200, 900, seed=1))
     store = open_nuclei(write_store(tmp_path / "s.zarr", batches(table, 150), tile_size_l0=256))
@@ -313,3 +330,28 @@ def test_streaming_write_memory_is_roughly_flat_in_nuclei_count(tmp_path: Path) 
     store = open_nuclei(tmp_path / "large.zarr")
     assert store.count == 200_000
     assert int((np.asarray(store.labels(0)[:]) > 0).sum()) == 4 * 200_000
+
+
+def test_a_reused_shard_canvas_is_zero_whatever_the_last_shard_painted() -> None:
+    from wsiseg.writers.labels import ShardCanvas
+
+    canvases = ShardCanvas(64 * 64)
+    first = canvases.take(64, 64)
+    assert first.shape == (64, 64) and first.dtype == np.uint32 and first.flags.c_contiguous and not first.any()
+    first[:] = 7
+    smaller = canvases.take(30, 50)  # an edge shard
+    assert smaller.shape == (30, 50) and smaller.flags.c_contiguous and not smaller.any()
+    smaller[-1, -1] = 3
+    assert not canvases.take(64, 64).any()
+
+
+def test_labels_painted_shard_by_shard_equal_labels_painted_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiseg.writers.labels as labels
+
+    table = make_table(blob_polygons(400, 1200, 900, seed=3))
+    one = np.asarray(open_nuclei(write_store(tmp_path / "one.zarr", [table])).labels(0)[:])
+    monkeypatch.setattr(labels, "SHARD_PX", 512)  # 3 x 2 shards, the last column and row smaller
+    many = np.asarray(open_nuclei(write_store(tmp_path / "many.zarr", [table])).labels(0)[:])
+    assert one.any() and np.array_equal(many, one)

@@ -29,6 +29,7 @@ def warm_up() -> None:
     from wsiseg.readers.scaled import resample_integer
     from wsiseg.stitching import warm_up as warm_stitching
     from wsiseg.writers.geojson_text import feature_texts, pieces
+    from wsiseg.writers.simple_rings import certainly_valid
 
     warm_stitching()
     taps = np.zeros((1, 2), np.int64)
@@ -39,3 +40,4 @@ def warm_up() -> None:
         np.zeros((1, 16), np.uint8), square, np.array([0, 5], np.int64), np.array([0, 1], np.int64),
         np.zeros(1, np.int64), np.ones((1, 1), np.float64), np.zeros(1, np.int64), text, offsets, False,
     )
+    certainly_valid(square, np.array([0, 5], np.int64), np.array([0, 1], np.int64))

@@ -92,28 +92,18 @@ def segment(
 
 def stitch(batch: dict[str, Any], slide_spec: SlideSpec, model_spec: ModelSpec) -> tuple[NucleusTable, dict]:
     """Stage 3 (CPU): finished level-0 nuclei owned by the batch's segmentor tiles."""
-    from wsiseg.stitching import FrameTransform, finish_nuclei, tile_outlines
+    from wsiseg.stitching import FrameTransform, TileInput, batch_outlines, finish_nuclei
 
     t0, c0 = time.perf_counter(), time.thread_time()
     slide = slide_spec.open()
     transform = FrameTransform(scale=slide.scale_xy, mpp=slide.mpp, clip_l0=clip_box(slide.reader.properties))
     min_area = max(1, int(MIN_NUCLEUS_AREA_UM2 / (slide.mpp * slide.mpp)))
-    outlines = [
-        tile_outlines(
-            tile_origin_px=(job.tile.x0, job.tile.y0),
-            tile_shape=image.shape[:2],
-            masks=tile_masks,
-            n_owned=job.n_owned,
-            prompt_ids=job.prompt_ids,
-            prompt_score=job.score,
-            prompt_class=job.class_id,
-            image=image,
-            min_area_px=min_area,
-            image_size_px=slide.size_px,
-        )
-        for job, image, tile_masks in zip(batch["items"], batch["images"], batch["masks"])
+    tiles = [
+        TileInput((job.tile.x0, job.tile.y0), tile_masks, job.n_owned, job.prompt_ids, job.score, job.class_id)
+        for job, tile_masks in zip(batch["items"], batch["masks"])
     ]
-    table = finish_nuclei(outlines, transform)  # the batch's polygons and measurements at once
+    outlines = batch_outlines(tiles, batch["images"], min_area_px=min_area, image_size_px=slide.size_px)
+    table = finish_nuclei([outlines], transform)  # the batch's polygons and measurements at once
     times = {**batch["times"], "post": time.perf_counter() - t0, "post_cpu": time.thread_time() - c0}
     return table, times
 

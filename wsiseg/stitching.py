@@ -12,7 +12,7 @@ equals its pixel count; level-0 polygons are clipped to the slide (and its bound
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -62,37 +62,6 @@ def trace_outline(mask: np.ndarray) -> np.ndarray:
     return xy[~straight]
 
 
-def resolve_overlaps(
-    tile_size: tuple[int, int], masks: TileMasks, priority: np.ndarray
-) -> np.ndarray:
-    """Paint masks into an int32 (h, w) canvas, lowest priority first; values are mask index + 1.
-
-    priority: (P,) int, a mask of higher priority wins the pixels it shares with lower ones.
-    Raises ValueError when a mask's box leaves the tile or its shape is not its box's.
-    """
-    canvas = np.zeros(tile_size, np.int32)
-    sizes = np.array([m.size for m in masks.masks], np.int64)
-    box = masks.bbox_px.astype(np.int64)
-    used = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
-    h, w = tile_size
-    outside = used & ((box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > w) | (box[:, 3] > h))
-    wrong = used & (sizes != (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
-    if outside.any() or wrong.any():
-        i = int(np.flatnonzero(outside | wrong)[0])
-        raise ValueError(
-            f"segmentor mask {i}: box {box[i].tolist()} must lie in the {w}x{h} tile and the mask's shape "
-            f"{masks.masks[i].shape} must be its (height, width)"
-        )
-    sizes[~used] = 0  # empty boxes paint nothing
-    offsets = np.zeros(len(sizes), np.int64)
-    np.cumsum(sizes[:-1], out=offsets[1:])
-    flat = np.concatenate([m.ravel() for m, u in zip(masks.masks, used) if u] or [np.zeros(0, bool)])
-    kernels.paint_masks(
-        canvas, np.ascontiguousarray(masks.bbox_px), flat.view(np.bool_), offsets, np.argsort(priority, kind="stable")
-    )
-    return canvas
-
-
 def absorb_enclosed(canvas: np.ndarray, bbox_px: np.ndarray) -> None:
     """Merge every mask lying in a hole of another mask into that mask, in place.
 
@@ -124,6 +93,23 @@ class TileOutlines:
     class_id: np.ndarray
 
 
+@dataclass(frozen=True)
+class TileInput:
+    """One segmentor tile as `batch_outlines` takes it.
+
+    origin_px: (x0, y0) of the tile in the working frame.  masks: one per prompt, owned first,
+    then context.  n_owned: how many prompts the tile owns.  prompt_ids, prompt_score,
+    prompt_class: (P,) global prompt index (int64), prompter score and class of each prompt.
+    """
+
+    origin_px: tuple[int, int]
+    masks: TileMasks
+    n_owned: int
+    prompt_ids: np.ndarray
+    prompt_score: np.ndarray
+    prompt_class: np.ndarray
+
+
 def tile_outlines(
     *,
     tile_origin_px: tuple[int, int],
@@ -139,29 +125,72 @@ def tile_outlines(
 ) -> TileOutlines | None:
     """The outlines and pixel measurements of a tile's first `n_owned` prompts (see
     `stitch_tile` for the arguments); None when none is left."""
-    if n_owned == 0:
+    return batch_outlines(
+        [TileInput((int(tile_origin_px[0]), int(tile_origin_px[1])), masks, n_owned, prompt_ids, prompt_score,
+                   prompt_class)],
+        np.asarray(image)[None], min_area_px=min_area_px, image_size_px=image_size_px,
+    )
+
+
+def batch_outlines(
+    tiles: Sequence[TileInput],
+    images: np.ndarray,
+    *,
+    min_area_px: int = 1,
+    image_size_px: tuple[int, int] | None = None,
+) -> TileOutlines | None:
+    """The owned nuclei of a batch of tiles, in tile order, as one TileOutlines (the rows of
+    `tile_outlines` of each tile, one after another); None when none is left.
+
+    images: (T, h, w, 3) uint8, the tiles' RGB pixels (every tile h x w px).  One compiled
+    call does the whole batch (`stitch_kernels.batch_nuclei`); the owner rule per tile:
+    higher IoU wins, among equals the lower global prompt index (the higher prompter score).
+    Raises ValueError when a mask's box leaves its tile or its shape is not its box's.
+    """
+    images = np.asarray(images)
+    h, w = images.shape[1:3]
+    work = [k for k, t in enumerate(tiles) if t.n_owned > 0]
+    if not work:
         return None
-    # Higher IoU wins; among equals the lower global index (the higher prompter score).
-    order = np.lexsort((-prompt_ids, masks.iou))
-    priority = np.empty(len(order), np.int64)
-    priority[order] = np.arange(len(order))
-    canvas = resolve_overlaps(tile_shape, masks, priority)
-    if image_size_px is not None:
-        _clear_outside(canvas, tile_origin_px, image_size_px)
-    absorb_enclosed(canvas, masks.bbox_px)
-    # each owned mask's largest 4-connected part, its outline (holes filled) and measurements
-    idx, ends, corners, values = kernels.owned_nuclei(
-        canvas, np.ascontiguousarray(masks.bbox_px), n_owned, np.ascontiguousarray(image), hematoxylin_tables(),
+    todo = [tiles[k] for k in work]
+    counts = np.array([len(t.masks.masks) for t in todo], np.int64)
+    first = np.zeros(len(todo) + 1, np.int64)
+    np.cumsum(counts, out=first[1:])
+    tile_of = np.repeat(np.arange(len(todo)), counts)
+    bbox = np.concatenate([t.masks.bbox_px for t in todo]).astype(np.int32)
+    iou = np.concatenate([t.masks.iou for t in todo])
+    masks = [m for t in todo for m in t.masks.masks]
+    sizes = np.array([m.size for m in masks], np.int64)
+    box = bbox.astype(np.int64)
+    used = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    outside = used & ((box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > w) | (box[:, 3] > h))
+    wrong = used & (sizes != (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+    if outside.any() or wrong.any():
+        i = int(np.flatnonzero(outside | wrong)[0])
+        raise ValueError(
+            f"segmentor mask {i - first[tile_of[i]]}: box {box[i].tolist()} must lie in the {w}x{h} tile and the "
+            f"mask's shape {masks[i].shape} must be its (height, width)"
+        )
+    sizes[~used] = 0  # empty boxes paint nothing
+    bbox[~used] = 0  # and are skipped by every kernel, whatever their corners
+    offsets = np.zeros(len(sizes), np.int64)
+    np.cumsum(sizes[:-1], out=offsets[1:])
+    flat = np.concatenate([m.ravel() for m, u in zip(masks, used) if u] or [np.zeros(0, bool)])
+    # paint order: lowest priority first, per tile (lexsort is stable; the tile is its first key)
+    prompt_ids = np.concatenate([np.asarray(t.prompt_ids, np.int64) for t in todo])
+    order = np.lexsort((-prompt_ids, iou, tile_of)) - np.repeat(first[:-1], counts)
+    origins = np.array([t.origin_px for t in todo], np.int64).reshape(-1, 2)
+    rows, ends, corners, values, touches = kernels.batch_nuclei(
+        np.array([h, w], np.int64), origins, np.array(image_size_px or (-1, -1), np.int64), bbox, first,
+        np.array([t.n_owned for t in todo], np.int64), flat.view(np.bool_), offsets, order,
+        np.ascontiguousarray(images[work] if len(work) < len(tiles) else images), hematoxylin_tables(),
         float(min_area_px),
     )
-    if not len(idx):
+    if not len(rows):
         return None
-    h, w = tile_shape
-    box = masks.bbox_px[idx].astype(np.int64)
-    touches = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == w) | (box[:, 3] == h)
-    counts = np.diff(ends, prepend=0)
-    corners = corners + np.repeat(box[:, :2] + np.asarray(tile_origin_px, np.int64), counts, axis=0)
-    return TileOutlines(corners, ends, values, touches, prompt_score[idx], masks.iou[idx], prompt_class[idx])
+    score = np.concatenate([t.prompt_score for t in todo])[rows]
+    class_id = np.concatenate([t.prompt_class for t in todo])[rows]
+    return TileOutlines(corners, ends, values, touches, score, iou[rows], class_id)
 
 
 def finish_nuclei(tiles: Sequence[TileOutlines | None], transform: FrameTransform) -> NucleusTable:
@@ -178,25 +207,35 @@ def finish_nuclei(tiles: Sequence[TileOutlines | None], transform: FrameTransfor
     score, iou, class_id = (np.concatenate([getattr(t, k) for t in parts]) for k in ("score", "iou", "class_id"))
     starts = np.concatenate([[0], ends[:-1]])
     s = np.broadcast_to(np.asarray(transform.scale, np.float64), (2,))
-    polys_w, polys_l0 = _polygons(corners, starts, ends, (1.0, s))
+    # closed rings, working frame and level 0 (GeoArrow: one ring per polygon)
+    coords_w = np.insert(corners, ends, corners[starts], axis=0).astype(np.float64)
+    coords_l0 = coords_w * s
+    ring_offsets = np.concatenate([[0], ends + np.arange(1, len(ends) + 1)])
+    geom_offsets = np.arange(len(ends) + 1)
     # pixel-edge outlines: area, perimeter and hull area are exact from the kernel; an outline
     # the slide's box cuts is measured again by shapely
     area_w, perimeter_w, hull_area = values[:, 0].copy(), values[:, 4].copy(), values[:, 5].copy()
+    bounds_l0 = _ring_bounds(coords_l0, ring_offsets)
+    polys_l0 = _from_rings(coords_l0, ring_offsets)
+    clipped = False
     if transform.clip_l0 is not None:
         clip = np.asarray(transform.clip_l0, np.float64)
-        polys_w, cut = _clip(polys_w, clip / np.tile(s, 2))
-        polys_l0, _ = _clip(polys_l0, clip)
-        if cut.any():
+        box_w = clip / np.tile(s, 2)
+        if _beyond(_ring_bounds(coords_w, ring_offsets), box_w).any():
+            polys_w, cut = _clip(_from_rings(coords_w, ring_offsets), box_w)
             area_w[cut] = shapely.area(polys_w[cut])
             perimeter_w[cut] = shapely.length(polys_w[cut])
             hull_area[cut] = shapely.area(shapely.convex_hull(polys_w[cut]))
-        keep = ~shapely.is_empty(polys_l0)
-        if not keep.all():
-            polys_l0, values, touches = polys_l0[keep], values[keep], touches[keep]
-            score, iou, class_id = score[keep], iou[keep], class_id[keep]
-            area_w, perimeter_w, hull_area = area_w[keep], perimeter_w[keep], hull_area[keep]
-            if not len(values):
-                return NucleusTable.empty()
+        if _beyond(bounds_l0, clip).any():
+            clipped = True
+            polys_l0, _ = _clip(polys_l0, clip)
+            keep = ~shapely.is_empty(polys_l0)
+            if not keep.all():
+                polys_l0, values, touches = polys_l0[keep], values[keep], touches[keep]
+                score, iou, class_id = score[keep], iou[keep], class_id[keep]
+                area_w, perimeter_w, hull_area = area_w[keep], perimeter_w[keep], hull_area[keep]
+                if not len(values):
+                    return NucleusTable.empty()
     ecc, major, minor = _shape_moments(values[:, :4])
     mpp = transform.mpp
     measurements = {
@@ -210,7 +249,14 @@ def finish_nuclei(tiles: Sequence[TileOutlines | None], transform: FrameTransfor
         "minor_axis_um": minor * mpp,
         "hematoxylin_od_mean": values[:, 6],
     }
-    return NucleusTable.from_polygons(polys_l0, class_id, measurements, touches)
+    if clipped:
+        return NucleusTable.from_polygons(polys_l0, class_id, measurements, touches)
+    # nothing clipped: the rings are the table's (what from_polygons would read back from shapely)
+    centroid = shapely.get_coordinates(shapely.centroid(polys_l0))
+    return NucleusTable(
+        coords_l0, ring_offsets, geom_offsets, centroid, bounds_l0, class_id, shapely.area(polys_l0), measurements,
+        touches,
+    )
 
 
 def stitch_tile(
@@ -261,16 +307,6 @@ def warm_up() -> None:
     rasterize_polygons(np.zeros((8, 8), np.uint32), table.coords, table.ring_offsets, table.geom_offsets, np.ones(1))
 
 
-def _clear_outside(canvas: np.ndarray, origin: tuple[int, int], image_size: tuple[int, int]) -> None:
-    """Zero the canvas where the tile lies beyond the image."""
-    ox, oy = origin
-    w, h = image_size
-    canvas[:, : max(0, -ox)] = 0
-    canvas[: max(0, -oy)] = 0
-    canvas[:, max(0, w - ox) :] = 0
-    canvas[max(0, h - oy) :] = 0
-
-
 def _clip(polys: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Polygons clipped to box (x0, y0, x1, y1), and which of them reach beyond it (only
     those are touched).  A polygon the box cuts in two keeps its largest part; one wholly
@@ -289,16 +325,21 @@ def _clip(polys: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return polys, out
 
 
-def _polygons(corners: np.ndarray, starts: np.ndarray, ends: np.ndarray, scales: tuple[Any, ...]) -> list[np.ndarray]:
-    """Closed single-ring shapely Polygons from open vertex rings corners[starts[i]:ends[i]],
-    once per scale factor."""
-    closed = np.insert(corners, ends, corners[starts], axis=0).astype(np.float64)
-    ring_offsets = np.concatenate([[0], ends + np.arange(1, len(ends) + 1)])
-    geom_offsets = np.arange(len(ends) + 1)
-    return [
-        shapely.from_ragged_array(shapely.GeometryType.POLYGON, closed * scale, (ring_offsets, geom_offsets))
-        for scale in scales
-    ]
+def _from_rings(coords: np.ndarray, ring_offsets: np.ndarray) -> np.ndarray:
+    """Single-ring shapely Polygons from closed rings coords[ring_offsets[i]:ring_offsets[i + 1]]."""
+    geom_offsets = np.arange(len(ring_offsets))
+    return shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
+
+
+def _ring_bounds(coords: np.ndarray, ring_offsets: np.ndarray) -> np.ndarray:
+    """(R, 4) xmin, ymin, xmax, ymax of every ring (the values `shapely.bounds` gives)."""
+    at = ring_offsets[:-1]
+    return np.concatenate([np.minimum.reduceat(coords, at, axis=0), np.maximum.reduceat(coords, at, axis=0)], axis=1)
+
+
+def _beyond(bounds: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Which (N, 4) bounds reach beyond box (x0, y0, x1, y1)."""
+    return (bounds[:, 0] < box[0]) | (bounds[:, 1] < box[1]) | (bounds[:, 2] > box[2]) | (bounds[:, 3] > box[3])
 
 
 def _shape_moments(mom: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

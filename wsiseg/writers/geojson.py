@@ -40,6 +40,7 @@ from wsiseg.nuclei import NucleusTable
 from wsiseg.writers.report import jsonable
 from wsiseg.writers.base import StreamingWriter
 from wsiseg.writers.geojson_text import feature_texts, pieces
+from wsiseg.writers.simple_rings import certainly_valid
 
 __all__ = ["GeoJSONSummary", "GeoJSONWriter", "check_qupath_geojson", "make_qupath_valid"]
 
@@ -287,11 +288,14 @@ class GeoJSONWriter(StreamingWriter):
         """The kept nuclei's Features as one uint8 text, separated by ",\n", and the end of each."""
         coords = _round2(table.coords - np.asarray(self.offset_l0))
         ring_offsets, geom_offsets = table.ring_offsets, table.geom_offsets
-        polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
-        bad = ~shapely.is_valid(polys) | (shapely.area(polys) <= 0)
         keep = np.ones(len(table), bool)
-        if bad.any():
-            idx = np.flatnonzero(bad)
+        # GEOS checks only what the compiled test cannot vouch for (edge-traced outlines it can)
+        doubt = np.flatnonzero(~certainly_valid(coords, ring_offsets, geom_offsets))
+        idx = doubt
+        if len(doubt):
+            polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
+            idx = doubt[~shapely.is_valid(polys[doubt]) | (shapely.area(polys[doubt]) <= 0)]
+        if len(idx):
             fixed, _ = make_qupath_valid(polys[idx])
             dropped = np.array([g is None for g in fixed], bool)
             polys[idx] = fixed
@@ -302,7 +306,8 @@ class GeoJSONWriter(StreamingWriter):
                 return np.zeros(0, np.uint8), np.zeros(0, np.int64)
             _, coords, (ring_offsets, geom_offsets) = shapely.to_ragged_array(polys[keep])
         class_id = table.class_id[keep]
-        unknown = ~np.isin(class_id, self._class_ids)
+        class_index = np.searchsorted(self._class_ids, class_id)  # _class_ids is sorted
+        unknown = self._class_ids[np.minimum(class_index, len(self._class_ids) - 1)] != class_id
         if unknown.any():
             raise ValueError(
                 f"GeoJSON output {self.path}: nucleus class id {int(class_id[unknown][0])} is not among the "
@@ -311,26 +316,28 @@ class GeoJSONWriter(StreamingWriter):
         names = ["label_id"] + [k for k in table.measurements if k != "label_id"]
         columns = [label_id[keep]] + [table.measurements[k][keep] for k in names[1:]]
         values = np.stack([np.asarray(c, np.float64) for c in columns], axis=1)
-        decimals = np.array([_decimals(name, c) for name, c in zip(names, columns)], np.int64)
+        tops = np.abs(values).max(axis=0).tolist() if len(values) else [0.0] * len(names)
+        decimals = np.array(
+            [_decimals(name, np.issubdtype(c.dtype, np.integer), top) for name, c, top in zip(names, columns, tops)],
+            np.int64,
+        )
         prefixes = [("," if k else "") + json.dumps(name) + ":" for k, name in enumerate(names)]
         text, offsets = pieces([*self._template, *prefixes, *self._classification.values()])
         return feature_texts(
             _uuid_bytes(self._rng, int(keep.sum())), np.ascontiguousarray(coords, np.float64),
             np.ascontiguousarray(ring_offsets, np.int64), np.ascontiguousarray(geom_offsets, np.int64),
-            np.searchsorted(self._class_ids, class_id).astype(np.int64), values,
+            class_index.astype(np.int64), values,
             decimals, text, offsets, self.object_type == "cell",
         )
 
 
-def _decimals(name: str, column: np.ndarray) -> int:
+def _decimals(name: str, integer: bool, top: float) -> int:
     """Decimals a measurement column is written with: about 6 significant digits of its largest
-    value (0 for integer columns).  Raises ValueError when its values are too large."""
-    values = np.asarray(column, np.float64)
-    top = float(np.abs(values).max()) if len(values) else 0.0
-    if np.issubdtype(np.asarray(column).dtype, np.integer):
+    absolute value `top` (0 for `integer` columns).  Raises ValueError when its values are too large."""
+    if integer:
         decimals = 0
     else:
-        decimals = int(np.clip(5 - np.floor(np.log10(top)), 0, 8)) if top > 0 else 0
+        decimals = int(min(max(5 - np.floor(np.log10(top)), 0), 8)) if top > 0 else 0
     if top * 10.0**decimals >= 2**62:
         raise ValueError(f"measurement {name!r} has values too large for GeoJSON output ({top:g})")
     return decimals

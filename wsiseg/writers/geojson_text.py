@@ -40,38 +40,44 @@ def _put_byte(buf: np.ndarray, used: int, byte: int) -> int:
     return used + 1
 
 
+#: float(10**d) for the decimals a number may have (exact: every one is a float64)
+_POW10 = np.array([float(10**d) for d in range(19)], np.float64)
+
+
 @compiled
-def _put_number(buf: np.ndarray, used: int, value: float, decimals: int, scratch: np.ndarray) -> int:
-    """Write the fixed-point text of `value` with `decimals` decimals at `used` (at most 24
-    bytes; room checked by the caller); returns the new end."""
-    v = np.int64(np.rint(value * float(10**decimals)))
-    n = 0
-    a = -v if v < 0 else v
-    # digits from the last: decimals (trailing zeros skipped), then the integer part
-    frac = True
-    for _ in range(decimals):
-        digit = a % 10
-        a //= 10
-        if frac and digit == 0:
-            continue
-        frac = False
-        scratch[n] = 48 + digit
-        n += 1
-    if n:
-        scratch[n] = 46  # "."
-        n += 1
-    while True:
-        scratch[n] = 48 + a % 10
-        n += 1
-        a //= 10
-        if a == 0:
-            break
-    if v < 0:
-        scratch[n] = 45  # "-"
-        n += 1
-    for i in range(n):
-        buf[used + i] = scratch[n - 1 - i]
-    return used + n
+def _put_number(buf: np.ndarray, used: int, value: float, decimals: int) -> int:
+    """Write the fixed-point text of `value` with `decimals` decimals (0-18) at `used` (at most
+    24 bytes; room checked by the caller), digits counted first and then written from the
+    last; returns the new end."""
+    v = np.int64(np.rint(value * _POW10[decimals]))
+    negative = v < 0
+    a = np.uint64(-v) if negative else np.uint64(v)
+    ten = np.uint64(10)
+    frac = decimals
+    while frac > 0 and a % ten == 0:  # trailing zeros after the point are dropped
+        a //= ten
+        frac -= 1
+    digits, rest = 1, a // ten
+    while rest:
+        digits += 1
+        rest //= ten
+    whole = max(digits - frac, 1)  # digits before the point (at least a "0")
+    end = used + negative + whole + (frac + 1 if frac else 0)
+    pos = end - 1
+    for _ in range(frac):
+        buf[pos] = 48 + a % ten
+        a //= ten
+        pos -= 1
+    if frac:
+        buf[pos] = 46  # "."
+        pos -= 1
+    for _ in range(whole):
+        buf[pos] = 48 + a % ten
+        a //= ten
+        pos -= 1
+    if negative:
+        buf[pos] = 45  # "-"
+    return end
 
 
 #: the longest number text: 19 digits of an int64, a sign and a point
@@ -106,7 +112,6 @@ def feature_texts(
     n_meas = values.shape[1]
     buf = np.empty(max(1024, 600 * n), np.uint8)
     ends = np.empty(n, np.int64)
-    scratch = np.empty(_NUMBER_BYTES, np.uint8)
     hx = _HEX
     used = 0
     for f in range(n):
@@ -135,9 +140,9 @@ def feature_texts(
                     if p > ring_offsets[r]:
                         used = _put_byte(buf, used, 44)
                     used = _put_byte(buf, used, 91)
-                    used = _put_number(buf, used, coords[p, 0], 2, scratch)
+                    used = _put_number(buf, used, coords[p, 0], 2)
                     used = _put_byte(buf, used, 44)
-                    used = _put_number(buf, used, coords[p, 1], 2, scratch)
+                    used = _put_number(buf, used, coords[p, 1], 2)
                     used = _put_byte(buf, used, 93)  # "]"
                 used = _put_byte(buf, used, 93)
             used = _put(buf, used, text, text_offsets[2], text_offsets[3])
@@ -147,7 +152,7 @@ def feature_texts(
         used = _put(buf, used, text, text_offsets[5], text_offsets[6])
         for m in range(n_meas):
             used = _put(buf, used, text, text_offsets[8 + m], text_offsets[9 + m])
-            used = _put_number(buf, used, values[f, m], decimals[m], scratch)
+            used = _put_number(buf, used, values[f, m], decimals[m])
         used = _put(buf, used, text, text_offsets[6], text_offsets[7])
         ends[f] = used
         if f + 1 < n:

@@ -12,6 +12,7 @@ mpp * 2**(k + 1).  Background is 0 and empty chunks are not stored.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from wsiseg.compiled import compiled
 
 __all__ = [
     "concat_ranges",
+    "ShardCanvas",
     "create_label_pyramid",
     "iter_shards",
     "label_grid",
@@ -121,6 +123,27 @@ def _scanline_fill(
                 if canvas[row, j] < label:
                     canvas[row, j] = label
     return True
+
+
+class ShardCanvas:
+    """One uint32 canvas, reused shard after shard: `take(h, w)` gives it as a zeroed (h, w)
+    C-contiguous array (h * w <= max_px), valid until the next `take`.
+
+    Its memory is one anonymous mmap: plain 4 KiB pages, zero when first touched.  NumPy asks
+    for transparent huge pages for large arrays, and a long run's first huge-page canvas cost
+    0.2-0.26 s of kernel time on the 2-core build machine (compaction) against 0.06 s of page
+    faults for 4 KiB pages; reusing the one canvas pays either only once per slide.
+    """
+
+    def __init__(self, max_px: int) -> None:
+        self._buffer = mmap.mmap(-1, 4 * max(1, int(max_px)))
+        self._dirty = 0  # elements [0, _dirty) may be non-zero
+
+    def take(self, h: int, w: int) -> np.ndarray:
+        canvas = np.frombuffer(self._buffer, np.uint32, count=h * w).reshape(h, w)
+        canvas.reshape(-1)[: self._dirty] = 0
+        self._dirty = max(self._dirty, h * w)
+        return canvas
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -22,13 +22,15 @@ Layout of ``<stem>.zarr`` (all coordinates level-0 px, OpenSlide frame, pixel ed
     labels/nuclei    OME-Zarr 0.5 uint32 label pyramid (see wsiseg.writers.labels)
 
 Writing streams: `ZarrWriter.write` appends each batch to raw spool files inside ``<stem>.zarr.partial-<hex>``;
-`close` sorts by tile (only N int64 keys in memory), gathers rows block by block from memory-mapped spools,
-paints the label raster one shard at a time (in a second thread while the table is written), marks the
-store complete and renames it onto the final name.
+`close` sorts by tile (only N int64 keys in memory), gathers rows block by block from memory-mapped spools
+(every table array created at once, and a block's pieces of all of them written at once, through zarr's
+asyncio API), paints the label raster one shard at a time (in a second thread while the table is written),
+marks the store complete and renames it onto the final name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import logging
 import math
@@ -44,6 +46,8 @@ from typing import Any, cast
 import numpy as np
 import shapely
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync as zarr_sync
 
 from wsiseg._version import __version__
 from wsiseg.disk_space import names_full_disk
@@ -51,6 +55,7 @@ from wsiseg.models.protocols import NucleusClass
 from wsiseg.nuclei import MEASUREMENTS, NucleusTable
 from wsiseg.readers.base import SlideProperties
 from wsiseg.writers.labels import (
+    ShardCanvas,
     concat_ranges,
     create_label_pyramid,
     iter_shards,
@@ -59,6 +64,7 @@ from wsiseg.writers.labels import (
     write_label_block,
 )
 from wsiseg.writers.report import jsonable
+from wsiseg.writers.zarr_rows import RaggedRows
 from wsiseg.writers.base import StreamingWriter
 
 __all__ = ["NucleiStore", "NucleiStoreError", "ZarrWriter", "open_nuclei"]
@@ -147,35 +153,6 @@ def _slide_info(
         raise ValueError(f"ZarrWriter slide: width/height must be >= 1, got {info['width']} x {info['height']}")
     info["width"], info["height"] = int(info["width"]), int(info["height"])
     return jsonable(info)
-
-
-class _Appender:
-    """Writes consecutive rows into a zarr array in whole-chunk pieces (the tail at `finish`)."""
-
-    def __init__(self, array: Any, chunk_rows: int) -> None:
-        self.array, self.chunk_rows = array, chunk_rows
-        self.pos = 0
-        self._buf: list[np.ndarray] = []
-        self._n = 0
-
-    def append(self, rows: np.ndarray) -> None:
-        self._buf.append(rows)
-        self._n += len(rows)
-        if self._n >= self.chunk_rows:
-            data = np.concatenate(self._buf)
-            cut = (len(data) // self.chunk_rows) * self.chunk_rows
-            self.array[self.pos : self.pos + cut] = data[:cut]
-            self.pos += cut
-            self._buf, self._n = [data[cut:]], len(data) - cut
-
-    def finish(self) -> None:
-        if self._n:
-            data = np.concatenate(self._buf)
-            self.array[self.pos : self.pos + len(data)] = data
-            self.pos += len(data)
-        self._buf, self._n = [], 0
-        if self.pos != self.array.shape[0]:
-            raise RuntimeError(f"internal error: wrote {self.pos} rows into an array of {self.array.shape[0]}")
 
 
 class ZarrWriter(StreamingWriter):
@@ -352,12 +329,12 @@ class ZarrWriter(StreamingWriter):
         ty = np.clip(np.floor(c[:, 1] / self.tile_size_l0), 0, n_ty - 1).astype(np.int64)
         return ty * n_tx + tx
 
-    def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str, chunk: int, shard: int) -> Any:
+    async def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str, chunk: int, shard: int) -> Any:
         rows = shape[0]
         chunk_rows = max(1, min(chunk, rows))
         shard_rows = chunk_rows * max(1, min(shard // chunk, -(-rows // chunk_rows)))
         tail = shape[1:]
-        return group.create_array(
+        return await group.create_array(
             name, shape=shape, dtype=dtype, chunks=(chunk_rows, *tail), shards=(shard_rows, *tail)
         )
 
@@ -383,64 +360,52 @@ class ZarrWriter(StreamingWriter):
         self._tile_offsets = tile_offsets
 
     def _write_objects(self) -> dict[str, int]:
+        """The object table, every array of it created at once and written block by block, the
+        blocks' pieces at once (zarr's asyncio API: the store and the codecs overlap their work).
+        Runs the coroutine on zarr's own event loop thread, as zarr's synchronous API does."""
+        return cast(dict[str, int], zarr_sync(self._write_objects_async()))
+
+    async def _write_objects_async(self) -> dict[str, int]:
         sp, n, order = self._spool, self._n, self._order
         n_tx, n_ty = self._grid()
-        objects = self._root.create_group("objects")
+        root = await zarr.api.asynchronous.open_group(store=str(self.partial), mode="r+")
+        objects = await root.create_group("objects")
         columns: list[tuple[str, np.ndarray | None, str, tuple[int, ...]]] = [("label_id", None, "u4", ())]
         columns += [(k, sp.load(k), dt, shp) for k, (dt, shp) in _OBJECT_COLUMNS.items()]
         columns += [(m, sp.load(f"m.{m}"), "f4", ()) for m in self._measurements or ()]
-        for name, source, dtype, shape in columns:
-            arr = self._array(objects, name, (n, *shape), dtype, ROW_CHUNK, ROW_SHARD)
-            for s in range(0, n, ROW_CHUNK):
-                idx = order[s : s + ROW_CHUNK]
-                arr[s : s + len(idx)] = (idx + 1).astype(np.uint32) if source is None else source[idx]
-        self._write_ragged(objects)
         tile_offsets = self._tile_offsets
-        tiles = objects.create_array("tile_offsets", shape=tile_offsets.shape, dtype="i8", chunks=tile_offsets.shape)
-        tiles[:] = tile_offsets
-        objects.attrs["wsiseg_objects"] = {
-            "count": n,
-            "n_rings": self._rings,
-            "n_coords": self._coords,
-            "tile_size": self.tile_size_l0,
-            "n_tiles_x": n_tx,
-            "n_tiles_y": n_ty,
-            "max_object_extent": self._extent,
-            "sort": "tile-major by centroid (t = ty * n_tiles_x + tx), then label_id",
-            "measurements": list(self._measurements or ()),
-            "classes": self._provenance["classes"],
-            "coords": "level-0 px, pixel-edge frame, closed rings, exterior first",
-        }
-        return {"nuclei": n, "rings": self._rings, "coords": self._coords}
-
-    def _write_ragged(self, objects: Any) -> None:
-        """geom_offsets, ring_offsets and coords in sorted row order, gathered piece by piece."""
-        order = self._order
-        ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
-        geom = self._array(objects, "geom_offsets", (self._n + 1,), "i8", ROW_CHUNK, ROW_SHARD)
-        rings = _Appender(
-            self._array(objects, "ring_offsets", (self._rings + 1,), "i8", ROW_CHUNK, ROW_SHARD), ROW_CHUNK
+        specs = [(name, (n, *shape), dtype, ROW_CHUNK, ROW_SHARD) for name, _, dtype, shape in columns]
+        specs += [
+            ("geom_offsets", (n + 1,), "i8", ROW_CHUNK, ROW_SHARD),
+            ("ring_offsets", (self._rings + 1,), "i8", ROW_CHUNK, ROW_SHARD),
+            ("coords", (self._coords, 2), "f8", COORD_CHUNK, COORD_SHARD),
+        ]
+        arrays = await asyncio.gather(
+            *(self._array(objects, *spec) for spec in specs),
+            objects.create_array("tile_offsets", shape=tile_offsets.shape, dtype="i8", chunks=tile_offsets.shape),
         )
-        xy = _Appender(self._array(objects, "coords", (self._coords, 2), "f8", COORD_CHUNK, COORD_SHARD), COORD_CHUNK)
-        ring_base = coord_base = 0
-        for s in range(0, self._n, ROW_CHUNK):
+        tiles = arrays.pop()
+        geom, rings, xy = arrays[len(columns) :]
+        ragged = RaggedRows(
+            n, self._ragged_spool()[:5], lambda: self._spool.load("coords"), geom, rings, xy,
+            ring_chunk=ROW_CHUNK, coord_chunk=COORD_CHUNK,
+        )
+        for s in range(0, n, ROW_CHUNK):
             idx = order[s : s + ROW_CHUNK]
-            nr = n_rings[idx].astype(np.int64)
-            geom[s : s + len(idx)] = ring_base + np.cumsum(nr) - nr
-            ring_idx = concat_ranges(ring_start[idx], nr)
-            lengths = ring_len[ring_idx]
-            rings.append(coord_base + np.cumsum(lengths) - lengths)
-            for part in np.array_split(np.arange(len(idx)), max(1, int(n_coords[idx].sum()) // COORD_CHUNK + 1)):
-                # a fresh map per piece: touched pages leave the process when it is dropped (flat RSS)
-                coords = self._spool.load("coords")
-                xy.append(np.asarray(coords[concat_ranges(coord_start[idx[part]], n_coords[idx[part]])]))
-                del coords
-            ring_base += len(ring_idx)
-            coord_base += int(lengths.sum())
-        geom[self._n] = ring_base
-        rings.append(np.array([coord_base], np.int64))
-        rings.finish()
-        xy.finish()
+            writes = [
+                arr.setitem(slice(s, s + len(idx)), (idx + 1).astype(np.uint32) if source is None else source[idx])
+                for arr, (_, source, _, _) in zip(arrays, columns)
+            ]
+            await asyncio.gather(*writes, *ragged.block(s, idx))
+        await asyncio.gather(*ragged.finish(), tiles.setitem(slice(None), tile_offsets))
+        await objects.update_attributes({"wsiseg_objects": {
+            "count": n, "n_rings": self._rings, "n_coords": self._coords, "tile_size": self.tile_size_l0,
+            "n_tiles_x": n_tx, "n_tiles_y": n_ty, "max_object_extent": self._extent,
+            "sort": "tile-major by centroid (t = ty * n_tiles_x + tx), then label_id",
+            "measurements": list(self._measurements or ()), "classes": self._provenance["classes"],
+            "coords": "level-0 px, pixel-edge frame, closed rings, exterior first",
+        }})
+        return {"nuclei": n, "rings": self._rings, "coords": self._coords}
 
     def _ragged_spool(self) -> tuple[np.ndarray, ...]:
         """Memmaps of ring_start, n_rings, coord_start, n_coords, ring_len, coords (input row order)."""
@@ -461,7 +426,9 @@ class ZarrWriter(StreamingWriter):
         ring_start, n_rings, coord_start, n_coords, ring_len, _ = self._ragged_spool()
         tile_offsets = self._tile_offsets
         n_tx, n_ty = self._grid()
-        for y0, y1, x0, x1 in iter_shards(shape, label_grid(shape)[1]):
+        shard = label_grid(shape)[1]
+        canvases = ShardCanvas(shard * shard)
+        for y0, y1, x0, x1 in iter_shards(shape, shard):
             box = (x0, y0, x1, y1)
             runs = _row_runs(tile_offsets, n_tx, n_ty, self.tile_size_l0, self._extent, box)
             objs = self._order[concat_ranges(runs[:, 0], runs[:, 1] - runs[:, 0])]
@@ -469,7 +436,7 @@ class ZarrWriter(StreamingWriter):
             objs = objs[(b[:, 2] > x0) & (b[:, 0] < x1) & (b[:, 3] > y0) & (b[:, 1] < y1)]
             if len(objs) == 0:
                 continue
-            canvas = np.zeros((y1 - y0, x1 - x0), np.uint32)
+            canvas = canvases.take(y1 - y0, x1 - x0)
             coords = self._spool.load("coords")  # re-mapped per shard, so RSS stays flat
             for part in np.array_split(objs, -(-len(objs) // 16384)):  # pixels keep the max label: any order
                 nr = n_rings[part].astype(np.int64)
