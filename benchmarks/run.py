@@ -1,7 +1,7 @@
 """Pipeline benchmark on generated slides: throughput, stage times, model share, peak memory.
 
     python benchmarks/run.py                         # 4096² and 8192² slides (a few minutes)
-    python benchmarks/run.py --sizes 8192 32768      # the budget check in DESIGN.md (long)
+    python benchmarks/run.py --sizes 8192 32768      # the memory budget check: flat peak RSS (long)
     python benchmarks/run.py --model BUNDLE --tile-size 256 --workers 2
 
 Each slide size runs in a fresh child process (so peak RSS is that run's own), first with the

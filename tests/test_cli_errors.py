@@ -523,3 +523,15 @@ def test_dask_warnings_go_to_the_log_file_and_ours_to_the_terminal(
     # worker processes warn before their logging is set up: a warning filter in their environment
     env = Runner(SchedulerConfig(workers=1))._worker_logging({})["env"]
     assert "ignore:Creating scratch directories" in env["PYTHONWARNINGS"]
+
+
+def test_unknown_or_empty_prompter_is_named_as_the_prompter(slides: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(slides["clean"]), "-o", str(out), "--model", "classical",
+                                       "--prompter", "no-such-prompter"])
+    assert result.exit_code == 2
+    [line] = _error_lines(result.stderr)
+    assert line.startswith("error: --prompter 'no-such-prompter': ") and "wsiseg models list" in line
+    empty = CliRunner().invoke(main, ["run", str(slides["clean"]), "-o", str(out), "--prompter", ""])
+    assert empty.exit_code == 2 and "--prompter needs a model name" in empty.stderr
+    assert not out.exists()

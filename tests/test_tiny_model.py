@@ -633,8 +633,12 @@ def test_contact_weight_adds_a_contact_channel_and_weighs_those_pixels_in_the_lo
     assert float(unweighted["fg_bce"]) == pytest.approx(float(np.log(2)), rel=1e-5)
     squared = (0.5 - t[:, 2]) ** 2
     assert float(weighted["distance"]) == pytest.approx(float(((1 + 4 * contact) * squared).mean()), rel=1e-5)
-    with pytest.raises(ValueError, match="contact_weight"):
-        _recipe(tmp_path, contact_weight=-1.0)
+    for bad in (-1.0, float("nan"), float("inf"), "4", True):
+        with pytest.raises(ValueError, match="contact_weight must be a finite number"):
+            _recipe(tmp_path, contact_weight=bad)
+    for bad_px in (0, 2.5, True):
+        with pytest.raises(ValueError, match="contact_px must be a whole number"):
+            _recipe(tmp_path, contact_px=bad_px)
 
 
 def test_sample_by_image_draws_every_image_alike_and_area_in_proportion_to_its_size(tmp_path: Path) -> None:

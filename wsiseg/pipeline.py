@@ -93,6 +93,8 @@ class RunConfig:
                 f"--overlap must be an even number of px, >= 0 and below --tile-size ({self.tile_size_px}); "
                 f"got {self.overlap_px}"
             )
+        if self.prompter is not None and not str(self.prompter).strip():
+            raise ValueError("--prompter needs a model name or bundle folder (see `wsiseg models list`), got ''")
         if self.geojson_format not in GEOJSON_FORMATS:
             raise ValueError(f"--geojson-format must be one of {GEOJSON_FORMATS}, got {self.geojson_format!r}")
         if self.mpp is not None and not 0.01 < self.mpp < 100:
@@ -142,6 +144,13 @@ def load_run_models(config: RunConfig) -> tuple[ModelSpec, Prompter | None, Segm
     """The run's models, loaded once per process (cached): call it before any slide so an unknown
     --model, a --device without CUDA or an option the model does not take fails once, up front.
     Raises ValueError (BundleError, ModelNotFoundError) with one line naming the option."""
+    if config.prompter is not None:
+        from wsiseg.models.cache import resolve_model
+
+        try:  # a bad --prompter is named as such, not as a bad model
+            resolve_model(config.prompter)
+        except ValueError as exc:
+            raise ValueError(f"--prompter {config.prompter!r}: {exc}") from exc
     model_spec = ModelSpec(
         config.model, config.prompter, config.device, config.k_negatives, _prompter_options(config), config.tta,
         config.precision,

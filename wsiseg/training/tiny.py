@@ -122,8 +122,11 @@ class TinyRecipe:
             raise ValueError("distill_weight > 0 needs a teacher: set teacher_bundle and teacher_sha256, or distill_weight = 0")
         if self.teacher_bundle and self.distill_weight == 0:
             raise ValueError("a teacher_bundle needs distill_weight > 0 (e.g. 1.0), or remove teacher_bundle")
-        if self.contact_weight < 0 or self.contact_px < 1:
-            raise ValueError(f"contact_weight must be >= 0 and contact_px >= 1, got {self.contact_weight}, {self.contact_px}")
+        weight_ok = isinstance(self.contact_weight, (int, float)) and not isinstance(self.contact_weight, bool)
+        if not weight_ok or not math.isfinite(self.contact_weight) or self.contact_weight < 0:
+            raise ValueError(f"contact_weight must be a finite number >= 0 (e.g. 4.0; 0: off), got {self.contact_weight!r}")
+        if not isinstance(self.contact_px, int) or isinstance(self.contact_px, bool) or self.contact_px < 1:
+            raise ValueError(f"contact_px must be a whole number of pixels >= 1 (e.g. 3), got {self.contact_px!r}")
         if self.sample_by not in ("area", "image"):
             raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:
