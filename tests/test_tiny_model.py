@@ -236,6 +236,20 @@ class _Preferring512:
     preferred_tile_px = 512
 
 
+def test_a_network_prompter_beside_the_classical_segmentor_keeps_its_own_tiles() -> None:
+    from wsiseg.models.cache import BUILTIN_BUNDLES
+    from wsiseg.models.classical import ClassicalPrompter, ClassicalSegmentor
+    from wsiseg.models.tiny.prompter import TinyPrompter
+    from wsiseg.pipeline import RunConfig, _tile_size
+
+    prompter = TinyPrompter.from_bundle(BUILTIN_BUNDLES["wsiseg-tiny"])
+    assert prompter.preferred_tile_px == 1024  # the bundle's tile_px, which its segmentor names
+    assert _tile_size(RunConfig(), ClassicalSegmentor(), prompter) == 1024
+    assert _tile_size(RunConfig(tile_size_px=512), ClassicalSegmentor(), prompter) == 512  # --tile-size wins
+    assert _tile_size(RunConfig(), ClassicalSegmentor(), ClassicalPrompter()) == 256
+    assert _tile_size(RunConfig(), _Preferring512(), None) == 512
+
+
 def test_validation_runs_held_out_images_through_eval_and_keeps_their_table(tmp_path: Path) -> None:
     from wsiseg.training.tiny import train_tiny
 

@@ -279,7 +279,7 @@ def _run(
     model_spec, prompter, segmentor = load_run_models(config)
     config = replace(config, precision=model_spec.precision)  # what runs: "auto" or the model's own, resolved
     classes = _classes(prompter)
-    tile_px = _tile_size(config, segmentor)
+    tile_px = _tile_size(config, segmentor, prompter)
     scaled = ScaledSlide(reader, segmentor.mpp)
     slide_spec = SlideSpec(slide_path, config.mpp, segmentor.mpp, config.on_bad_tile)
     WORKER_CACHE[("slide", slide_spec)] = scaled
@@ -576,14 +576,17 @@ def _classes(prompter: Prompter | None) -> tuple[NucleusClass, ...]:
     return classes or (NUCLEUS,)
 
 
-def _tile_size(config: RunConfig, segmentor: Segmentor) -> int:
-    """--tile-size, else the size the segmentor requires or prefers (`preferred_tile_px`), else 256."""
+def _tile_size(config: RunConfig, segmentor: Segmentor, prompter: Prompter | None = None) -> int:
+    """--tile-size, else the size the segmentor requires, else the larger of the sizes the
+    segmentor and the prompter prefer (`preferred_tile_px`; a network prompter beside the
+    classical segmentor keeps its own large tiles), else 256."""
     want = segmentor.input_size_px
     if want is not None and config.tile_size_px is not None and want != config.tile_size_px:
         raise ValueError(
             f"model {config.model!r} takes {want} px tiles; run with --tile-size {want} (got {config.tile_size_px})"
         )
-    tile_px = int(config.tile_size_px or want or getattr(segmentor, "preferred_tile_px", None) or DEFAULT_TILE_PX)
+    preferred = [getattr(m, "preferred_tile_px", None) for m in (segmentor, prompter)]
+    tile_px = int(config.tile_size_px or want or max((p for p in preferred if p), default=DEFAULT_TILE_PX))
     if config.overlap_px >= tile_px:
         raise ValueError(f"--overlap ({config.overlap_px}) must be below the tile size ({tile_px} px)")
     return tile_px

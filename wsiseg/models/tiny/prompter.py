@@ -118,8 +118,11 @@ class TinyPrompter:
         nms_radius_px: float = 4.0,
         context_px: int = 48,
         classes: tuple[NucleusClass, ...] = (NUCLEUS,),
+        preferred_tile_px: int = 512,
     ) -> None:
         self.net = net
+        #: the tile side (px) a run uses when neither --tile-size nor the segmentor decides it
+        self.preferred_tile_px = int(preferred_tile_px)
         self.name = name
         self.mpp = float(mpp)
         self.peaks = peaks
@@ -183,6 +186,10 @@ class TinyPrompter:
             )
         except ValueError as exc:
             raise ValueError(f"bundle {bundle.path}: {exc}") from exc
+        # the network's tile size: the prompter's own, else the bundle's segmentor's (one network)
+        tile_px = config.get("tile_px")
+        if tile_px is None and "segmentor" in bundle.manifest.components:
+            tile_px = bundle.manifest.components["segmentor"].config.get("tile_px")
         return cls(
             net,
             name=bundle.manifest.name,
@@ -191,4 +198,5 @@ class TinyPrompter:
             nms_radius_px=bundle.manifest.nms_radius_px,
             context_px=int(config.get("context_px", 48)),
             classes=tuple(bundle.manifest.classes),
+            preferred_tile_px=int(tile_px or 512),
         )
