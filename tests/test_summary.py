@@ -149,6 +149,7 @@ def test_summary_rows_take_tissue_area_from_the_report_and_leave_unknowns_empty(
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "slide,state,reason,nuclei,tissue_area_mm2,nuclei_per_mm2,time_s,model,precision,mpp,warnings,report"
     assert ",wsiseg-tiny,bf16,0.25," in lines[3]
+    assert "not applicable (precision: a model without a network" in html_path.read_text()
     assert lines[1].startswith("s/bad.svs,failed,file is truncated; copy it again,")
     assert _refs(html_path).hrefs == ["with_area.report.json", "no_area.report.json"]
 

@@ -224,7 +224,8 @@ def render_html(rows: list[SummaryRow], *, title: str = "wsiseg summary") -> str
     lines += [
         "</tbody></table>",
         f'<p class="muted">wsiseg {html.escape(__version__)}, {html.escape(time.strftime("%Y-%m-%d %H:%M:%S %z"))}. '
-        "Empty cells: not recorded for that slide.</p>",
+        "Empty cells: not recorded for that slide, or not applicable (precision: a model without a network, "
+        "such as classical).</p>",
         "</body></html>",
     ]
     return "\n".join(lines) + "\n"
