@@ -245,9 +245,9 @@ class TinyTask:
 
     def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         r = self.recipe
+        contact = r.contact_px if r.contact_weight > 0 else 0
         for _ in range(steps):
             picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
-            contact = r.contact_px if r.contact_weight > 0 else 0
             crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px, contact)
                      for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
