@@ -277,12 +277,14 @@ def _sampled(
 
 def _sample_boxes(tissue: Any, thumbnail: np.ndarray, side_l0: float, count: int = SAMPLE_WINDOWS) -> Any:
     """Up to `count` squares of side_l0 level-0 px, kept inside the slide and not overlapping one
-    another, over tissue of every kind: among the windows that tissue fills (all but 5 % of the
-    best-filled one's cover), the ones whose mean optical density (a proxy for how many nuclei a
-    window holds) lies nearest the 1/(2 count), 3/(2 count), ... quantiles of those windows'
-    densities.  A stratified sample (Cochran, "Sampling Techniques", 1977, ch. 5): one window, even
-    the median one, is biased by the slide's denser or sparser parts (+45 % of the nuclei of
-    `wsiseg demo`'s slide); spreading the windows over the density's range is not.
+    another, over tissue of every kind: among the windows centred on tissue that tissue fills at
+    least half as well as the best-filled window (so tissue margins are sampled too), the ones
+    whose mean optical density over their tissue (a proxy for how many nuclei a window holds) lies
+    nearest the 1/(2 count), 3/(2 count), ... quantiles of those windows' densities.  A stratified
+    sample (Cochran, "Sampling Techniques", 1977, ch. 5): one window over full tissue, even the
+    median one, is biased by the slide's denser or sparser parts (+45 % of the nuclei of `wsiseg
+    demo`'s slide, whose tissue margin holds none); spreading the windows over the density's range
+    and the tissue's margin is not (+7 %).  Nuclei are then counted per mm² of the windows' tissue.
     Returns a shapely (Multi)Polygon in level-0 px.
 
     thumbnail: (h, w, 3) uint8 RGB on the grid of `tissue.mask`.
@@ -297,6 +299,8 @@ def _sample_boxes(tissue: Any, thumbnail: np.ndarray, side_l0: float, count: int
     od = -np.log((thumbnail.astype(np.float32) + 1.0) / 256.0).sum(axis=2)
     od_mean = ndi.uniform_filter(od * inside, size=cells, mode="constant") / np.maximum(cover, 1e-6)
     candidates = np.flatnonzero((inside.ravel() > 0) & (cover.ravel() >= 0.5 * cover.max()))
+    if candidates.size == 0:  # tissue (an roi) smaller than one thumbnail pixel: the best-covered windows
+        candidates = np.flatnonzero(cover.ravel() >= cover.max())
     values = od_mean.ravel()[candidates]
     rows, cols = np.unravel_index(candidates, cover.shape)
     width, height = tissue.size_l0
