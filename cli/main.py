@@ -57,7 +57,8 @@ def _setup_logging(out_dir: Path | None, verbose: bool, quiet: bool) -> Path | N
         console.addFilter(lambda record: not record.name.startswith(_DASK_LOGGERS) and not _dask_warning(record))
     logging.captureWarnings(True)  # Python warnings become "py.warnings" records: Dask's go to the log file
     handlers: list[logging.Handler] = [console]
-    for noisy in ("distributed", "tornado", "asyncio", "PIL", "numcodecs", "zarr", "fsspec"):
+    # numba: compiling the kernels on a first run logs ~80k DEBUG lines, "captured error" tracebacks included
+    for noisy in ("distributed", "tornado", "asyncio", "PIL", "numcodecs", "zarr", "fsspec", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log_path = None
     if out_dir is not None:

@@ -176,3 +176,26 @@ def test_precision_with_a_model_without_a_network_is_a_usage_error(svs_slide: Pa
     assert result.exit_code == 2  # refused before any slide is read
     assert "--precision" in result.output and "'classical'" in result.output
     assert not list(tmp_path.glob("*.geojson*"))
+
+
+def test_log_file_keeps_wsiseg_debug_but_not_numba_compiler_debug(tmp_path: Path) -> None:
+    """numba logs tens of thousands of DEBUG lines (with "captured error" tracebacks) while it
+    compiles kernels on a first run; they must not fill OUT/wsiseg.log."""
+    import logging
+
+    from wsiseg.cli.main import _setup_logging
+
+    log_path = _setup_logging(tmp_path, verbose=False, quiet=True)
+    try:
+        logging.getLogger("numba.core.ssa").debug("numba compiler chatter")
+        logging.getLogger("numba.core.ssa").warning("numba warning")
+        logging.getLogger("wsiseg.pipeline").debug("wsiseg detail")
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "wsiseg_cli", False)]:
+            root.removeHandler(handler)
+            handler.close()
+    assert log_path is not None
+    text = log_path.read_text()
+    assert "wsiseg detail" in text and "numba warning" in text
+    assert "numba compiler chatter" not in text
