@@ -21,7 +21,7 @@ _COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj"
               help="The prompter the run will use instead of the model's own (wsiseg run --prompter).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
               help="auto: CUDA when a GPU is present, else the CPU (as `wsiseg run`).")
-@click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px for slides that lack it.")
+@click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px, for slides that lack it or state a wrong one (replaces the file's, as in run).")
 @click.option("--tta", is_flag=True, help="Estimate a run with test-time augmentation (wsiseg run --tta).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="Estimate a run at this network arithmetic (wsiseg run --precision; default: the model's own).")

@@ -135,7 +135,7 @@ def _run_options(f: Any) -> Any:
         click.option("--tile-size", "tile_size", type=int, default=None,
                      help="Tile size in model px (default: the model's; 1024 for wsiseg-tiny, 256 for classical and SAM)."),
         click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap in model px."),
-        click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px when the file lacks it."),
+        click.option("--mpp", type=float, default=None, help="Slide resolution in µm/px, for files that lack it or state a wrong one (replaces the file's)."),
         click.option("--roi", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="GeoJSON polygons restricting the run, in QuPath's frame: level-0 px minus the slide's "
                      "openslide.bounds-x/y, as QuPath exports and wsiseg writes every GeoJSON."),
@@ -495,7 +495,7 @@ def demo(size: int, seed: int, slide_only: Path | None, **kw: Any) -> None:
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, default=None, help="Resolution to assume when the file lacks it.")
+@click.option("--mpp", type=float, default=None, help="Resolution in µm/px to use instead of the file's (or where it states none).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     """Vendor, size, levels, mpp, objective, bounds, and which reader opened SLIDE."""
