@@ -70,7 +70,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is available; use device='cpu' or 'auto'")
+        raise ValueError(f"device={device!r} but no CUDA GPU is available; use device 'cpu' or 'auto' (--device cpu on the command line)")
     return resolved
 
 

@@ -38,7 +38,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU; use device 'cpu' or 'auto' (--device cpu on the command line)")
     return dev
 
 
