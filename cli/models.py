@@ -91,7 +91,8 @@ def list_command(as_json: bool) -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(model: str, as_json: bool) -> None:
-    """Show a model's manifest: architecture, sizes, mpp, input size, classes, sha256.
+    """Show a model's manifest: architecture, sizes, mpp, input size, classes, sha256 and its
+    model card (training data, licence, intended use, citations) when it has one.
 
     MODEL is a cached name, "classical", a bundle folder or .zip, or a SAM .pth.
     """
@@ -136,6 +137,12 @@ def info_command(model: str, as_json: bool) -> None:
             precision += f" (on this machine's CPU: {'bf16' if cpu_has_bf16() else 'fp32'})"
         click.echo(f"  network precision (the default --precision): {precision}")
     click.echo(f"  bundle sha256: {info['bundle_sha256']}")
+    card = info.get("model_card") or {}
+    for key, label in (("data", "trained on"), ("licence", "licence"), ("intended_use", "intended use")):
+        if card.get(key):
+            click.echo(f"  {label}: {card[key]}")
+    for citation in card.get("citations") or ():
+        click.echo(f"  cite: {citation}")
     if "source" in info:
         click.echo(f"  pulled from: {info['source'].get('url')}")
 

@@ -228,6 +228,16 @@ def test_cli_list_and_info(tmp_path: Path) -> None:
     assert json.loads(run("info", "tiny", "--json").output)["name"] == "tiny"
 
 
+def test_cli_info_shows_the_builtin_models_card() -> None:
+    """A user deciding whether they may use the weights sees their data, licence and citations."""
+    info = run("info", "wsiseg-tiny")
+    assert info.exit_code == 0, info.output
+    assert "trained on: MoNuSeg 2018 training set" in info.output
+    assert "licence: CC BY-NC-SA 4.0" in info.output
+    assert sum(line.startswith("  cite: ") for line in info.output.splitlines()) == 2
+    assert "intended use: " in info.output
+
+
 def test_cli_errors_are_one_line_with_a_non_zero_exit() -> None:
     result = run("info", "no-such-model")
     assert result.exit_code == 1
