@@ -145,7 +145,7 @@ def _run_options(f: Any) -> Any:
         click.option("--no-labels", is_flag=True, help="Skip the label raster in the Zarr store."),
         click.option("--workers", type=int, default=None, help="Local Dask workers (default: CPU cores)."),
         click.option("--scheduler", default=None,
-                     help="'synchronous' (no Dask, for debugging) or a Dask scheduler address tcp://host:8786."),
+                     help="'synchronous' (no Dask: one process, the network on every core; faster on small machines, and for debugging) or a Dask scheduler address tcp://host:8786."),
         click.option("--cluster", type=click.Choice(["slurm"]), default=None,
                      help="Run the Dask workers as SLURM jobs (needs --cluster-config; docs/cluster.md)."),
         click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
