@@ -145,12 +145,13 @@ class Progress:
             per_slide = self._done_tiles / self._done_slides
         elif running and expected:
             per_slide = expected
-        elif pending:
+        elif pending or running:  # a slide to run whose tiles nothing says yet
             return None
         else:
             per_slide = 0.0
-        left = (max(expected - current, 0) if running else 0) + pending * per_slide
-        return per_tile_s * left
+        # the running slide before its first stage reports its tiles: as many as a finished slide
+        running_left = max((expected or per_slide) - current, 0) if running else 0
+        return per_tile_s * (running_left + pending * per_slide)
 
     def clear(self) -> None:
         """Erase the unfinished line, so that other output starts on a clean line."""

@@ -357,3 +357,23 @@ def test_progress_events_are_a_stages_ends_and_at_most_one_per_interval(
         events.progress(Path("a.svs"), "prompter", 1, 4, 2)  # a new stage: logged at once
     logged = [(r["stage"], r["tiles_done"]) for r in _events(path)]
     assert logged == [("segmentor", 1), ("segmentor", 4), ("segmentor", 10), ("prompter", 1)]
+
+
+def test_cohort_eta_counts_the_last_slide_before_its_first_tiles_are_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last slide has started but no stage has reported its tiles: it still has a finished
+    slide's worth of tiles left, not none (the ETA read 0 s there)."""
+    clock = _Clock()
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=clock))
+    bar = Progress(enabled=True, stream=_Terminal(), slides_total=2, plain_stream=io.StringIO())
+    bar.start_slide("a.svs")
+    clock.now = 10.0
+    bar("prompter", 10, 10, 900)
+    clock.now = 20.0
+    bar("segmentor", 10, 10, 800)
+    bar.end_slide("done")  # 20 tiles in 20 s
+    bar.start_slide("b.svs")
+    clock.now = 21.0
+    assert bar.eta_s() == pytest.approx(21 / 20 * 20)  # b's 20 tiles (as a's) at 21 s per 20 tiles
+    first = Progress(enabled=True, stream=_Terminal(), slides_total=1, plain_stream=io.StringIO())
+    first.start_slide("only.svs")
+    assert first.eta_s() is None  # nothing measured yet
