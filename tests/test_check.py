@@ -89,6 +89,20 @@ def test_mpp_option_makes_a_slide_without_mpp_usable(no_mpp_tiff: Path) -> None:
     assert code == 0, out + err
     [row] = json.loads(out)
     assert row["verdict"] in ("ok", "warning") and row["mpp"] == 0.5 and row["mpp_source"] == "--mpp"
+    assert not any("replaces the file's own" in r for r in row["reasons"])  # the file states none
+
+
+def test_mpp_option_replacing_the_files_own_resolution_is_a_warning(svs_slide: Path) -> None:
+    """The file says 0.5 µm/px: --mpp 1 is used (a run would use it too) but named, since it is
+    right only for a mislabelled scan; --mpp 0.5 agrees with the file and is not."""
+    code, out, err = _check(str(svs_slide), "--mpp", "1", "--json")
+    assert code == 0, out + err
+    [row] = json.loads(out)
+    assert row["mpp"] == 1 and row["mpp_source"] == "--mpp" and row["verdict"] == "warning"
+    assert any("--mpp 1 µm/px replaces the file's own 0.5 (2.0x coarser)" in r for r in row["reasons"])
+    code, out, err = _check(str(svs_slide), "--mpp", "0.5", "--json")
+    [row] = json.loads(out)
+    assert row["verdict"] == "ok" and row["reasons"] == []
 
 
 def test_manifest_paths_are_relative_to_the_csv(tmp_path: Path, no_mpp_tiff: Path, text_as_svs: Path) -> None:

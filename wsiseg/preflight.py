@@ -38,6 +38,8 @@ DENSITY_THUMBNAIL_PX = 512
 SAMPLE_SIDE_UM = 128.0
 #: Sample windows, spread over the tissue's range of optical density (`_sample_boxes`).
 SAMPLE_WINDOWS = 4
+#: --mpp (or a manifest's mpp) differing from the file's own by more than this factor is a warning.
+MPP_OVERRIDE_WARNING_RATIO = 1.1
 #: Share of the memory available now above which the estimated peak is a warning.
 MEMORY_WARNING_SHARE = 0.8
 
@@ -202,6 +204,8 @@ def _check_slide(entry: SlideEntry, model: LoadedModel, runner: Any) -> SlideChe
         mm2_per_px = mpp_xy[0] * mpp_xy[1] / 1e6
         base = replace(base, tissue_area_mm2=round(tissue.area_l0 * mm2_per_px, 4))
         warnings = _resolution_warnings(slide_mpp, model.segmentor.mpp)
+        if override is not None:
+            warnings += _override_warnings(entry.path, slide_mpp, source)
         if tissue.is_empty:
             warnings.append("no tissue detected, so a run finds no nuclei; run with --no-tissue-detection or --roi")
             return replace(base, verdict="warning", reasons=tuple(warnings), tiles_prompter=0, tiles_segmentor=0,
@@ -349,6 +353,31 @@ def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int],
         x0, y0 = t.col * block * sx, t.row * block * sy
         n_segmentor += tissue.intersects_box_l0(x0, y0, x0 + block * sx, y0 + block * sy)
     return n_prompter, n_segmentor
+
+
+def _override_warnings(path: Path, mpp: float, source: str) -> list[str]:
+    """A warning when `source`'s mpp ("--mpp" or "manifest") replaces a plausible resolution the
+    file states that differs from it by more than MPP_OVERRIDE_WARNING_RATIO: right for a
+    mislabelled scan, a typo otherwise.  Nothing when the file states none or an implausible one."""
+    from wsiseg.readers import open_slide
+
+    try:
+        reader = open_slide(path)
+    except Exception:  # the file's own resolution is refused (or unreadable): nothing to compare
+        return []
+    try:
+        own_xy = reader.properties.mpp
+    finally:
+        reader.close()
+    if not own_xy:
+        return []
+    own = float(np.mean(own_xy))
+    ratio = max(mpp, own) / min(mpp, own)
+    if ratio <= MPP_OVERRIDE_WARNING_RATIO:
+        return []
+    given = "--mpp" if source == "--mpp" else "the manifest's mpp"
+    return [f"{given} {mpp:g} µm/px replaces the file's own {own:g} ({ratio:.1f}x "
+            f"{'coarser' if mpp > own else 'finer'}): right only if the file is mislabelled"]
 
 
 def _resolution_warnings(slide_mpp: float, model_mpp: float) -> list[str]:
