@@ -317,11 +317,44 @@ def test_a_slimmed_unet_computes_the_wide_one_when_the_dropped_channels_are_sile
         slim_unet_state(net.state_dict(), wide, UNetConfig(3, 6, 3))
 
 
+def test_a_widened_unet_computes_the_narrow_one_and_its_added_channels_learn() -> None:
+    import torch
+
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
+    from wsiseg.training.slim import widen_unet_state
+
+    torch.manual_seed(0)
+    narrow, wide = UNetConfig(4, 6, 3), UNetConfig(4, 9, 3)
+    net = UNet(narrow).eval()
+    for module in net.modules():  # trained-looking BatchNorm statistics and affine terms
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    fresh = UNet(wide)
+    widened = UNet(wide).eval()
+    widened.load_state_dict(widen_unet_state(net.state_dict(), narrow, wide, fresh.state_dict()))  # strict
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(widened(x).numpy(), net(x).numpy(), atol=1e-5)
+        assert float((fresh.eval()(x) - net(x)).abs().max()) > 0.1  # a fresh wide net does not
+    # the zero weights that read the added channels get gradients at once, so training can use them
+    widened.train()
+    widened(x).square().mean().backward()
+    assert float(widened.head.weight.grad[:, 6:].abs().sum()) > 0
+    assert float(widened.merge[0][0].weight.grad[:6, 6:9].abs().sum()) > 0
+    with pytest.raises(ValueError, match="cannot slim"):
+        widen_unet_state(widened.state_dict(), wide, narrow, net.state_dict())
+    with pytest.raises(ValueError, match="keeps the levels"):
+        widen_unet_state(net.state_dict(), narrow, UNetConfig(3, 9, 3), UNet(UNetConfig(3, 9, 3)).state_dict())
+
+
 def test_a_narrower_run_starts_from_the_slimmed_bundle_and_learns_from_its_teacher(tmp_path: Path) -> None:
     import torch
 
     from wsiseg.models.bundles import open_bundle
-    from wsiseg.models.prompters.unet import UNetConfig
+    from wsiseg.models.prompters.unet import UNet, UNetConfig
     from wsiseg.training.loop import TrainingError
     from wsiseg.training.slim import slim_unet_state
     from wsiseg.training.tiny import TinyTask, split_items, train_tiny
@@ -357,10 +390,15 @@ def test_a_narrower_run_starts_from_the_slimmed_bundle_and_learns_from_its_teach
     with pytest.raises(TrainingError, match=r"works at 0.25 µm/px and the recipe at 0.5"):
         TinyTask(_recipe(tmp_path, mpp=0.5, distill_weight=0.5, teacher_bundle=str(first), teacher_sha256=sha),
                  *split_items(recipe))
-    # a start the slimming cannot make names the recipe keys to change
-    with pytest.raises(TrainingError, match=r"needs levels = 3 and base_channels <= 4 in the recipe \(the recipe has levels = 3, base_channels = 5\)"):
-        TinyTask(_recipe(tmp_path, base_channels=5, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
-    with pytest.raises(TrainingError, match=r"needs levels = 3 .*\(the recipe has levels = 4, base_channels = 4\)"):
+    # a wider recipe starts from the bundle widened: the same maps before training
+    wider = TinyTask(_recipe(tmp_path, base_channels=5, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
+    narrow_net = UNet(UNetConfig(3, 4, 3)).eval()
+    narrow_net.load_state_dict(open_bundle(first).load_weights("prompter"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(wider.model.eval()(x).numpy(), narrow_net(x).numpy(), atol=1e-5)
+    # a start neither can make names the recipe key to change
+    with pytest.raises(TrainingError, match=r"needs levels = 3 in the recipe \(the recipe has levels = 4\)"):
         TinyTask(_recipe(tmp_path, levels=4, init_bundle=str(first), init_sha256=sha), *split_items(recipe))
 
 

@@ -79,3 +79,56 @@ def slim_unet_state(state: dict[str, Any], wide: UNetConfig, narrow: UNetConfig)
     if missing:
         raise ValueError(f"UNet state has keys a slimmed state does not fill: {missing[:5]}")
     return out
+
+
+def widen_unet_state(
+    state: dict[str, Any], narrow: UNetConfig, wide: UNetConfig, fresh: dict[str, Any]
+) -> dict[str, Any]:
+    """The (unfused, training-form) UNet state of `wide` that computes what `narrow`'s `state`
+    computes, the aim of Net2WiderNet (T. Chen, I. Goodfellow, J. Shlens, "Net2Net", ICLR 2016)
+    by a simpler construction: every layer's first channels hold the narrow network's weights; the
+    added channels keep `fresh`'s weights (a `UNet(wide).state_dict()`, its own initial state), so
+    they compute something, but every weight by which an original channel (or the head) reads an
+    added one is 0, so nothing reaches the output until training.  Those zero weights get gradients
+    at once (their inputs are not zero), and the added channels' own weights once they are non-zero.
+
+    Raises ValueError when the configs differ in levels or out_channels, or `wide` is narrower.
+    """
+    if (wide.levels, wide.out_channels) != (narrow.levels, narrow.out_channels):
+        raise ValueError(
+            f"a widened UNet keeps the levels and outputs: {narrow.levels} levels / {narrow.out_channels} outputs "
+            f"against {wide.levels} / {wide.out_channels}"
+        )
+    if wide.base_channels < narrow.base_channels:
+        raise ValueError(f"cannot slim a UNet by widening ({narrow.base_channels} -> {wide.base_channels} channels)")
+    levels = wide.levels
+    keep = [narrow.base_channels * 2**i for i in range(levels)]
+    width = [wide.base_channels * 2**i for i in range(levels)]
+    out = {key: value.clone() for key, value in fresh.items()}
+
+    def conv_bn(prefix: str, conv_at: int, rows: int, cols: torch.Tensor) -> None:
+        weight = out[f"{prefix}.{conv_at}.weight"]
+        weight[:rows] = 0.0  # the original outputs read no added input
+        weight[:rows, cols] = state[f"{prefix}.{conv_at}.weight"]
+        bn = f"{prefix}.{conv_at + 1}"
+        for key in BN_KEYS:
+            out[f"{bn}.{key}"][:rows] = state[f"{bn}.{key}"]
+        out[f"{bn}.num_batches_tracked"] = state[f"{bn}.num_batches_tracked"].clone()
+
+    def block(prefix: str, level: int, cols: torch.Tensor) -> None:
+        conv_bn(prefix, 0, keep[level], cols)
+        conv_bn(prefix, 3, keep[level], torch.arange(keep[level]))
+
+    block("down.0", 0, torch.arange(3))
+    for i in range(1, levels):
+        block(f"down.{i}", i, torch.arange(keep[i - 1]))
+    for i in range(levels - 2, -1, -1):
+        up_w = out[f"up.{i}.weight"]  # (in, out, 2, 2)
+        up_w[:, : keep[i]] = 0.0
+        up_w[: keep[i + 1], : keep[i]] = state[f"up.{i}.weight"]
+        out[f"up.{i}.bias"][: keep[i]] = state[f"up.{i}.bias"]
+        block(f"merge.{i}", i, torch.cat([torch.arange(keep[i]), width[i] + torch.arange(keep[i])]))
+    out["head.weight"][:] = 0.0
+    out["head.weight"][:, : keep[0]] = state["head.weight"]
+    out["head.bias"] = state["head.bias"].clone()
+    return out

@@ -14,8 +14,8 @@ with `contact_weight` > 0, the foreground BCE and distance MSE weigh pixels near
 nuclei (`wsiseg.training.targets.contact_map`) 1 + contact_weight times, so touching nuclei are
 separated (the U-Net paper's border weights, Ronneberger et al. 2015);
 with a teacher, `distill_weight` x the MSE between the teacher's and the student's three maps.
-A run can start from a trained bundle (`init_bundle`), slimmed when it is wider
-(`wsiseg.training.slim`).  AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
+A run can start from a trained bundle (`init_bundle`), slimmed when it is wider and widened
+when it is narrower (`wsiseg.training.slim`).  AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
 """
 
 from __future__ import annotations
@@ -362,7 +362,9 @@ class TinyTask:
 def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     """Load the prompter weights of `recipe.init_bundle` into `model`.  A bundle whose UNet has
     the recipe's levels but more channels is slimmed to the recipe's `base_channels` first
-    (`wsiseg.training.slim`: each layer keeps its channels of largest BatchNorm scale).
+    (`wsiseg.training.slim`: each layer keeps its channels of largest BatchNorm scale); one with
+    fewer channels is widened to them (`widen_unet_state`: the added channels start silent, so
+    the run starts from the bundle's own maps).
 
     Raises TrainingError when the bundle cannot be opened, its weights' sha256 is not
     `recipe.init_sha256` (another model than the recipe names), or the weights do not fit.
@@ -370,7 +372,7 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     from wsiseg.models.prompters.point import load_state
     from wsiseg.models.prompters.unet import UNetConfig
     from wsiseg.models.tiny.maps import network_config
-    from wsiseg.training.slim import slim_unet_state
+    from wsiseg.training.slim import slim_unet_state, widen_unet_state
 
     where = f"init_bundle {recipe.init_bundle}"
     state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where, "init_sha256")
@@ -378,17 +380,19 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
         log.warning("%s works at %g µm/px and the recipe at %g µm/px: training adapts it to the recipe's resolution",
                     where, mpp, recipe.mpp)
     wide = network_config(config)
-    if wide.levels != recipe.levels or wide.base_channels < recipe.base_channels:
+    if wide.levels != recipe.levels:
         raise TrainingError(
-            f"{where}: its UNet has {wide.levels} levels and {wide.base_channels} base channels; a run started "
-            f"from it needs levels = {wide.levels} and base_channels <= {wide.base_channels} in the recipe "
-            f"(the recipe has levels = {recipe.levels}, base_channels = {recipe.base_channels})"
+            f"{where}: its UNet has {wide.levels} levels; a run started from it needs levels = {wide.levels} "
+            f"in the recipe (the recipe has levels = {recipe.levels})"
         )
     try:
-        if wide.base_channels != recipe.base_channels:
-            narrow = UNetConfig(recipe.levels, recipe.base_channels, out_channels=wide.out_channels)
-            state = slim_unet_state(state, wide, narrow)
-            log.info("%s: slimmed from %d to %d base channels", where, wide.base_channels, narrow.base_channels)
+        target = UNetConfig(recipe.levels, recipe.base_channels, out_channels=wide.out_channels)
+        if wide.base_channels > recipe.base_channels:
+            state = slim_unet_state(state, wide, target)
+            log.info("%s: slimmed from %d to %d base channels", where, wide.base_channels, target.base_channels)
+        elif wide.base_channels < recipe.base_channels:
+            state = widen_unet_state(state, wide, target, model.state_dict())
+            log.info("%s: widened from %d to %d base channels", where, wide.base_channels, target.base_channels)
         load_state(model, state, where=where)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
