@@ -363,8 +363,8 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     """Load the prompter weights of `recipe.init_bundle` into `model`.  A bundle whose UNet has
     the recipe's levels but more channels is slimmed to the recipe's `base_channels` first
     (`wsiseg.training.slim`: each layer keeps its channels of largest BatchNorm scale); one with
-    fewer channels is widened to them (`widen_unet_state`: the added channels start silent, so
-    the run starts from the bundle's own maps).
+    fewer channels is widened to them (`widen_unet_state`: nothing reads the added channels at
+    first, so the run starts from the bundle's own maps).
 
     Raises TrainingError when the bundle cannot be opened, its weights' sha256 is not
     `recipe.init_sha256` (another model than the recipe names), or the weights do not fit.
@@ -379,20 +379,20 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     if abs(mpp - recipe.mpp) > 1e-6:
         log.warning("%s works at %g µm/px and the recipe at %g µm/px: training adapts it to the recipe's resolution",
                     where, mpp, recipe.mpp)
-    wide = network_config(config)
-    if wide.levels != recipe.levels:
+    own = network_config(config)  # the bundle's UNet, wider or narrower than the recipe's
+    if own.levels != recipe.levels:
         raise TrainingError(
-            f"{where}: its UNet has {wide.levels} levels; a run started from it needs levels = {wide.levels} "
+            f"{where}: its UNet has {own.levels} levels; a run started from it needs levels = {own.levels} "
             f"in the recipe (the recipe has levels = {recipe.levels})"
         )
     try:
-        target = UNetConfig(recipe.levels, recipe.base_channels, out_channels=wide.out_channels)
-        if wide.base_channels > recipe.base_channels:
-            state = slim_unet_state(state, wide, target)
-            log.info("%s: slimmed from %d to %d base channels", where, wide.base_channels, target.base_channels)
-        elif wide.base_channels < recipe.base_channels:
-            state = widen_unet_state(state, wide, target, model.state_dict())
-            log.info("%s: widened from %d to %d base channels", where, wide.base_channels, target.base_channels)
+        target = UNetConfig(recipe.levels, recipe.base_channels, out_channels=own.out_channels)
+        if own.base_channels > recipe.base_channels:
+            state = slim_unet_state(state, own, target)
+            log.info("%s: slimmed from %d to %d base channels", where, own.base_channels, target.base_channels)
+        elif own.base_channels < recipe.base_channels:
+            state = widen_unet_state(state, own, target, model.state_dict())
+            log.info("%s: widened from %d to %d base channels", where, own.base_channels, target.base_channels)
         load_state(model, state, where=where)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{where}: cannot start from it: {exc}") from exc
