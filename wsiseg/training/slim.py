@@ -132,3 +132,19 @@ def widen_unet_state(
     out["head.weight"][:, : keep[0]] = state["head.weight"]
     out["head.bias"] = state["head.bias"].clone()
     return out
+
+
+def add_unet_outputs(state: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """`state` (a UNet state) with the head's outputs beyond its own taken from `fresh` (a
+    `UNet(config).state_dict()` of the same width with more outputs, its initial state), so the
+    existing outputs stay exactly as they were and the added ones start from fresh weights.
+
+    Raises ValueError when `fresh` has no more outputs than `state` or another width.
+    """
+    have, want = state["head.weight"], fresh["head.weight"]
+    if want.shape[0] <= have.shape[0] or want.shape[1:] != have.shape[1:]:
+        raise ValueError(f"cannot add outputs to a head of shape {tuple(have.shape)} from one of shape {tuple(want.shape)}")
+    out = dict(state)
+    out["head.weight"] = torch.cat([have, want[have.shape[0] :]]).clone()
+    out["head.bias"] = torch.cat([state["head.bias"], fresh["head.bias"][have.shape[0] :]]).clone()
+    return out

@@ -13,6 +13,11 @@ weighted 1 + 4 x target so the rare peak pixels count; distance MSE on the sigmo
 with `contact_weight` > 0, the foreground BCE and distance MSE weigh pixels near two different
 nuclei (`wsiseg.training.targets.contact_map`) 1 + contact_weight times, so touching nuclei are
 separated (the U-Net paper's border weights, Ronneberger et al. 2015);
+with `hv_weight` > 0, two more outputs learn HoVer-Net's horizontal and vertical maps
+(`wsiseg.training.targets.hv_maps`; h = 2 sigmoid - 1): hv_weight x their MSE plus
+`hv_gradient_weight` x the MSE of their derivatives along their own axis over the nuclei
+(HoVer-Net's loss, Graham et al. 2019, with 5x5 Sobel kernels scaled to slope per
+pixel), and inference cuts the distance map where they fall (`wsiseg.models.tiny.maps.fold_hv`);
 with a teacher, `distill_weight` x the MSE between the teacher's and the student's three maps.
 A run can start from a trained bundle (`init_bundle`), slimmed when it is wider and widened
 when it is narrower (`wsiseg.training.slim`).  AdamW with a cosine learning-rate schedule over all steps (Loshchilov & Hutter 2019).
@@ -31,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from wsiseg.datasets.item import NucleusItem
-from wsiseg.models.tiny.maps import PRECISIONS
+from wsiseg.models.tiny.maps import N_MAPS, PRECISIONS, HvSettings
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
-from wsiseg.training.targets import contact_map, dense_targets
+from wsiseg.training.targets import contact_map, dense_targets, hv_maps
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,13 @@ class TinyRecipe:
     #: module docstring); 0 turns it off
     contact_weight: float = 0.0
     contact_px: int = 3
+    #: HoVer-Net's horizontal and vertical maps as two more outputs (see the module docstring): the
+    #: weight of their MSE (0: none) and of their derivatives' MSE, and the exported bundle's
+    #: `HvSettings` (sigma_px, saturation) that fold them into the distance map
+    hv_weight: float = 0.0
+    hv_gradient_weight: float = 2.0
+    hv_sigma_px: float = 1.0
+    hv_saturation: float = 0.5
     #: how training crops are drawn: "area" (each image in proportion to its area at the model's
     #: mpp, so an image resampled 2x up is drawn 4x as often) or "image" (every image alike)
     sample_by: str = "area"
@@ -127,6 +139,12 @@ class TinyRecipe:
             raise ValueError(f"contact_weight must be a finite number >= 0 (e.g. 4.0; 0: off), got {self.contact_weight!r}")
         if not isinstance(self.contact_px, int) or isinstance(self.contact_px, bool) or self.contact_px < 1:
             raise ValueError(f"contact_px must be a whole number of pixels >= 1 (e.g. 3), got {self.contact_px!r}")
+        for key in ("hv_weight", "hv_gradient_weight"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        if self.hv_weight > 0:
+            HvSettings(self.hv_sigma_px, self.hv_saturation)  # checked here, not at export
         if self.sample_by not in ("area", "image"):
             raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:
@@ -183,11 +201,11 @@ def to_model_mpp(item: NucleusItem, mpp: float, override: float | None) -> tuple
 
 def sample_window(
     image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop_px: int, augment: AugmentConfig,
-    centre_sigma_px: float = 2.5, contact_px: int = 0,
+    centre_sigma_px: float = 2.5, contact_px: int = 0, hv: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented (crop_px, crop_px, 3) uint8 crop and its (3, crop_px, crop_px) float32
-    targets (foreground, centre, distance); with contact_px > 0, a fourth (crop_px, crop_px)
-    channel: 1 on `contact_map(labels, contact_px)`, else 0."""
+    targets (foreground, centre, distance); with hv, two more channels: `hv_maps(labels)`; with
+    contact_px > 0, one more after those: 1 on `contact_map(labels, contact_px)`, else 0."""
     scale = float(rng.uniform(1 - augment.scale_jitter, 1 + augment.scale_jitter))
     window = int(math.ceil((crop_px + 2 * MARGIN_PX) / scale)) + 2
     h, w = labels.shape
@@ -201,6 +219,8 @@ def sample_window(
     img, lab = rescale(image[y0 : y0 + window, x0 : x0 + window], labels[y0 : y0 + window, x0 : x0 + window], scale)
     img, lab = augment_pair(img, lab, rng, augment)
     targets = dense_targets(lab, centre_sigma_px=centre_sigma_px).stack()
+    if hv:
+        targets = np.concatenate([targets, hv_maps(lab)])
     if contact_px > 0:
         targets = np.concatenate([targets, contact_map(lab, contact_px)[None].astype(np.float32)])
     cy, cx = (lab.shape[0] - crop_px) // 2, (lab.shape[1] - crop_px) // 2
@@ -208,6 +228,20 @@ def sample_window(
         np.ascontiguousarray(img[cy : cy + crop_px, cx : cx + crop_px]),
         np.ascontiguousarray(targets[:, cy : cy + crop_px, cx : cx + crop_px]),
     )
+
+
+def sobel_along_axis(hv: Any) -> Any:
+    """(B, 2, H, W) h and v maps -> their derivatives (per pixel) along x (h) and y (v), by 5x5
+    Sobel kernels (the smoothing [1, 4, 6, 4, 1] / 16 across, the derivative [-1, -2, 0, 2, 1] / 8
+    along, so a map rising by 1 a pixel gives 1), the edges repeated."""
+    import torch
+    import torch.nn.functional as F
+
+    smooth = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    slope = torch.tensor([-1.0, -2.0, 0.0, 2.0, 1.0]) / 8
+    along_x = (smooth[:, None] * slope[None, :]).to(hv.dtype)
+    kernels = torch.stack([along_x, along_x.T]).unsqueeze(1)  # (2, 1, 5, 5): h along x, v along y
+    return F.conv2d(F.pad(hv, (2, 2, 2, 2), mode="replicate"), kernels, groups=2)
 
 
 class TinyTask:
@@ -231,7 +265,7 @@ class TinyTask:
         self.augment = AugmentConfig(scale_jitter=recipe.scale_jitter)
         self.teacher = load_teacher(recipe) if recipe.distill_weight > 0 else None  # checked first
         torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
-        self.model = build_network({"levels": recipe.levels, "base_channels": recipe.base_channels})
+        self.model = build_network(self.network_config())
         if recipe.init_bundle:
             load_initial_weights(self.model, recipe)
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -248,22 +282,33 @@ class TinyTask:
         contact = r.contact_px if r.contact_weight > 0 else 0
         for _ in range(steps):
             picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
-            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px, contact)
-                     for i in picks]
+            crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px, contact,
+                                   r.hv_weight > 0) for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
+    def network_config(self) -> dict[str, Any]:
+        """The UNet's component config: levels, base_channels and, with HoVer maps, "hv"."""
+        r = self.recipe
+        config: dict[str, Any] = {"levels": r.levels, "base_channels": r.base_channels}
+        if r.hv_weight > 0:
+            config["hv"] = {"sigma_px": r.hv_sigma_px, "saturation": r.hv_saturation}
+        return config
+
     def losses(self, logits: Any, targets: Any, teacher_maps: Any = None) -> dict[str, Any]:
-        """Loss terms of (B, 3, H, W) logits against (B, 3, H, W) targets (see module docstring;
-        (B, 4, H, W) with the contact channel of `sample_window`, which weighs the foreground BCE
-        and the distance MSE), and with (B, 3, H, W) teacher probabilities, the distillation
-        term (`distill_weight`)."""
+        """Loss terms of (B, 3, H, W) logits (5 with `hv_weight`) against the targets of
+        `sample_window` (see the module docstring): foreground, centre, distance, then h and v
+        with `hv_weight`, then the contact channel with `contact_weight`, which weighs the
+        foreground BCE and the distance MSE; with (B, 3, H, W) teacher probabilities, the
+        distillation term (`distill_weight`) on the first three maps."""
         import torch
         import torch.nn.functional as F
 
         logits = logits.float()
         fg_t, centre_t, dist_t = targets[:, 0], targets[:, 1], targets[:, 2]
         r = self.recipe
-        weight = 1 + r.contact_weight * targets[:, 3] if targets.shape[1] > 3 else None
+        hv = r.hv_weight > 0
+        contact_at = N_MAPS + 2 if hv else N_MAPS
+        weight = 1 + r.contact_weight * targets[:, contact_at] if targets.shape[1] > contact_at else None
         fg_bce = F.binary_cross_entropy_with_logits(logits[:, 0], fg_t, weight=weight)
         p = torch.sigmoid(logits[:, 0])
         inter = (p * fg_t).sum(dim=(1, 2))
@@ -275,8 +320,16 @@ class TinyTask:
             dist = (weight * (torch.sigmoid(logits[:, 2]) - dist_t) ** 2).mean()
         loss = fg_bce + dice.mean() + r.centre_weight * centre + r.distance_weight * dist
         terms = {"fg_bce": fg_bce, "fg_dice": dice.mean(), "centre": centre, "distance": dist}
+        if hv:
+            hv_p = 2 * torch.sigmoid(logits[:, N_MAPS : N_MAPS + 2]) - 1
+            hv_t = targets[:, N_MAPS : N_MAPS + 2]
+            terms["hv"] = F.mse_loss(hv_p, hv_t)
+            inside = fg_t.unsqueeze(1).expand_as(hv_p)
+            squared = (sobel_along_axis(hv_p) - sobel_along_axis(hv_t)) ** 2
+            terms["hv_gradient"] = (squared * inside).sum() / inside.sum().clamp(min=1)
+            loss = loss + r.hv_weight * terms["hv"] + r.hv_gradient_weight * terms["hv_gradient"]
         if teacher_maps is not None:
-            terms["distill"] = F.mse_loss(torch.sigmoid(logits), teacher_maps)
+            terms["distill"] = F.mse_loss(torch.sigmoid(logits[:, :N_MAPS]), teacher_maps[:, :N_MAPS])
             loss = loss + r.distill_weight * terms["distill"]
         return {"loss": loss, **terms}
 
@@ -302,7 +355,7 @@ class TinyTask:
 
     def manifest(self) -> dict[str, Any]:
         r = self.recipe
-        common = {"levels": r.levels, "base_channels": r.base_channels, "precision": r.inference_precision}
+        common = {**self.network_config(), "precision": r.inference_precision}
         weights = {"file": "network.safetensors"}
         return {
             "name": r.name,
@@ -364,7 +417,9 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     the recipe's levels but more channels is slimmed to the recipe's `base_channels` first
     (`wsiseg.training.slim`: each layer keeps its channels of largest BatchNorm scale); one with
     fewer channels is widened to them (`widen_unet_state`: nothing reads the added channels at
-    first, so the run starts from the bundle's own maps).
+    first, so the run starts from the bundle's own maps).  A three-output bundle starts a recipe
+    with HoVer maps (`hv_weight`) with its three maps as they were and fresh h and v outputs
+    (`add_unet_outputs`).
 
     Raises TrainingError when the bundle cannot be opened, its weights' sha256 is not
     `recipe.init_sha256` (another model than the recipe names), or the weights do not fit.
@@ -372,7 +427,7 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
     from wsiseg.models.prompters.point import load_state
     from wsiseg.models.prompters.unet import UNetConfig
     from wsiseg.models.tiny.maps import network_config
-    from wsiseg.training.slim import slim_unet_state, widen_unet_state
+    from wsiseg.training.slim import add_unet_outputs, slim_unet_state, widen_unet_state
 
     where = f"init_bundle {recipe.init_bundle}"
     state, config, mpp = _pinned_weights(recipe.init_bundle, recipe.init_sha256, where, "init_sha256")
@@ -385,14 +440,25 @@ def load_initial_weights(model: Any, recipe: TinyRecipe) -> None:
             f"{where}: its UNet has {own.levels} levels; a run started from it needs levels = {own.levels} "
             f"in the recipe (the recipe has levels = {recipe.levels})"
         )
+    fresh = model.state_dict()
+    outputs = int(fresh["head.weight"].shape[0])
+    if own.out_channels > outputs:
+        raise TrainingError(
+            f"{where}: its UNet has {own.out_channels} outputs (horizontal and vertical maps); a run started from it "
+            f"needs them too: set hv_weight > 0 in the recipe"
+        )
     try:
         target = UNetConfig(recipe.levels, recipe.base_channels, out_channels=own.out_channels)
         if own.base_channels > recipe.base_channels:
             state = slim_unet_state(state, own, target)
             log.info("%s: slimmed from %d to %d base channels", where, own.base_channels, target.base_channels)
         elif own.base_channels < recipe.base_channels:
-            state = widen_unet_state(state, own, target, model.state_dict())
+            own_head = {k: (v[: own.out_channels] if k.startswith("head.") else v) for k, v in fresh.items()}
+            state = widen_unet_state(state, own, target, own_head)
             log.info("%s: widened from %d to %d base channels", where, own.base_channels, target.base_channels)
+        if own.out_channels < outputs:
+            state = add_unet_outputs(state, fresh)
+            log.info("%s: %d outputs extended to %d (fresh h and v maps)", where, own.out_channels, outputs)
         load_state(model, state, where=where)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{where}: cannot start from it: {exc}") from exc

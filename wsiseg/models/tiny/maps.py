@@ -4,10 +4,16 @@ Map channels (all float32 in [0, 1], tile pixels): 0 nuclear foreground probabil
 1 centre heatmap, 2 normalised distance to the nucleus boundary.  The network is a
 `UNet(UNetConfig(levels, base_channels, out_channels=3))`; a bundle stores its config in the
 component's "config" (levels, base_channels) and the normalisation in the manifest.
+
+A network trained with HoVer-Net's horizontal and vertical maps (a component config with an
+"hv" table, `HvSettings`) has two more outputs, h and v in [-1, 1] as (1 + h) / 2 after the
+sigmoid; `fold_hv` turns them into an edge map that cuts the distance map between touching
+nuclei, so the maps handed on still have the three channels above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -34,6 +40,59 @@ if TYPE_CHECKING:
 
 N_MAPS = 3
 FOREGROUND, CENTRE, DISTANCE = 0, 1, 2
+#: the network outputs of a model with horizontal and vertical maps (`HvSettings`)
+HORIZONTAL, VERTICAL = 3, 4
+
+
+@dataclass(frozen=True)
+class HvSettings:
+    """How a network's horizontal and vertical maps (h, v in [-1, 1]; `wsiseg.training.targets.hv_maps`)
+    cut its distance map.  Inside a nucleus h rises from left to right and v from top to bottom;
+    where they fall, the pixel lies between two nuclei (or on a nucleus' edge).  The edge
+    strength is max(-dh/dx, -dv/dy, 0) / saturation, clipped to [0, 1], the derivatives
+    (per pixel) those of Gaussian-smoothed maps (sigma_px); the distance map becomes
+    distance x (1 - edge).  HoVer-Net (Graham et al., Medical Image Analysis 58, 2019) takes the
+    Sobel gradients' magnitude, normalised per tile; the falling part alone ignores the rise
+    inside every nucleus, and a fixed scale keeps a nucleus' maps independent of its tile."""
+
+    sigma_px: float = 1.0
+    saturation: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("sigma_px", "saturation"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"hv {key} must be a number > 0, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HvSettings | None:
+        """The settings of a component config's "hv" table; None when it has none."""
+        table = config.get("hv")
+        if table is None:
+            return None
+        if not isinstance(table, dict):
+            raise ValueError(f"hv must be a table (sigma_px, saturation), got {table!r}")
+        unknown = sorted(set(table) - {"sigma_px", "saturation"})
+        if unknown:
+            raise ValueError(f"hv has unknown keys {unknown} (known: sigma_px, saturation)")
+        return cls(**table)
+
+
+def fold_hv(maps: np.ndarray, hv: HvSettings) -> np.ndarray:
+    """(B, 5, H, W) float32 probabilities (foreground, centre, distance, h, v as (1 + h) / 2) ->
+    (B, 3, H, W) float32: foreground, centre and the distance cut by the edge strength of
+    `HvSettings`.  The derivatives use the tile's own pixels only (scipy's Gaussian derivative,
+    edges repeated), so a pixel's value depends on its neighbourhood, not on the tile."""
+    from scipy import ndimage as ndi
+
+    out = np.ascontiguousarray(maps[:, :N_MAPS], dtype=np.float32)
+    for b in range(len(maps)):
+        # d((1 + h) / 2)/dx = dh/dx / 2
+        dh = ndi.gaussian_filter(maps[b, HORIZONTAL], hv.sigma_px, order=(0, 1), mode="nearest")
+        dv = ndi.gaussian_filter(maps[b, VERTICAL], hv.sigma_px, order=(1, 0), mode="nearest")
+        falling = -2 * np.minimum(np.minimum(dh, dv), 0)
+        out[b, DISTANCE] *= 1 - np.minimum(falling / hv.saturation, 1)
+    return out
 
 
 #: the precisions a dense-map network runs at: "bf16" (bfloat16 autocast), "fp32", or "auto"
@@ -117,7 +176,8 @@ def network_config(config: dict[str, Any]) -> UNetConfig:
     """The UNet shape of a wsiseg-tiny component config ({"levels": 5, "base_channels": 16})."""
     from wsiseg.models.prompters.unet import UNetConfig
 
-    return UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=N_MAPS)
+    outputs = N_MAPS + 2 if config.get("hv") is not None else N_MAPS
+    return UNetConfig(int(config.get("levels", 5)), int(config.get("base_channels", 16)), out_channels=outputs)
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:
@@ -128,7 +188,9 @@ def build_network(config: dict[str, Any]) -> nn.Module:
 
 
 class DenseMapNet:
-    """Runs the network on tiles; `predict_maps` gives (B, 3, H, W) float32 maps in [0, 1]."""
+    """Runs the network on tiles; `predict_maps` gives (B, 3, H, W) float32 maps in [0, 1].
+    hv: the settings that fold a five-output network's horizontal and vertical maps into its
+    distance map (`fold_hv`); None for a three-output network."""
 
     def __init__(
         self,
@@ -139,6 +201,7 @@ class DenseMapNet:
         settings: MapSettings = MapSettings(),
         device: str = "cpu",
         weights_sha256: str | None = None,
+        hv: HvSettings | None = None,
     ) -> None:
         import torch
 
@@ -153,18 +216,24 @@ class DenseMapNet:
         #: the precision the network runs at: "fp32" or "bf16" (`resolve_precision`)
         self.precision = resolve_precision(settings.precision, self.device)
         self.multiple = int(network.config.multiple)
+        self.outputs = int(network.config.out_channels)
+        if self.outputs != (N_MAPS + 2 if hv is not None else N_MAPS):
+            raise ValueError(f"a network with {self.outputs} outputs needs {'no ' if hv else ''}hv settings")
+        self.hv = hv
         #: equal for two nets that give the same maps (same weights file, precision, tta); None: unknown
         tta = ":tta" if settings.tta else ""
-        self.map_key = f"{weights_sha256}:{self.precision}:{self.mean}:{self.std}{tta}" if weights_sha256 else None
+        folded = f":hv{hv.sigma_px}/{hv.saturation}" if hv else ""
+        self.map_key = f"{weights_sha256}:{self.precision}:{self.mean}:{self.std}{tta}{folded}" if weights_sha256 else None
 
     def predict_maps(self, tiles: np.ndarray) -> np.ndarray:
         """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance);
-        with `MapSettings.tta`, the mean of the maps of the tile and its flips."""
+        with `MapSettings.tta`, the mean of the maps of the tile and its flips (a flipped tile's
+        h or v map is negated as it is flipped back); with hv settings, folded by `fold_hv`."""
         import torch
 
         tiles = tile_batches(tiles)
         b, height, width = tiles.shape[:3]
-        out = np.zeros((b, N_MAPS, height, width), np.float32)
+        out = np.zeros((b, self.outputs, height, width), np.float32)
         use_bf16 = self.precision == "bf16"
         for start in range(0, b, self.batch):
             chunk = tiles[start : start + self.batch]
@@ -180,11 +249,16 @@ class DenseMapNet:
                     seen = x.flip(dims).contiguous(memory_format=torch.channels_last) if dims else x
                     probability = torch.sigmoid(self.network(seen).float())
                     probability = probability.flip(dims) if dims else probability
+                    if self.hv is not None:
+                        # a left-right flip negates h, an up-down one v: (1 + h) / 2 -> 1 - (1 + h) / 2
+                        for dim, channel in ((3, HORIZONTAL), (2, VERTICAL)):
+                            if dim in dims:
+                                probability[:, channel] = 1 - probability[:, channel]
                     total = probability if total is None else total.add_(probability)
                 assert total is not None
                 mean = total[:, :, :height, :width] / len(TTA_FLIPS)
                 out[start : start + len(chunk)] = mean.cpu().numpy()
-        return out
+        return fold_hv(out, self.hv) if self.hv is not None else out
 
     @classmethod
     def from_bundle(
@@ -198,6 +272,7 @@ class DenseMapNet:
         where = f"bundle {bundle.path}"
         try:
             network = build_network(component.config)
+            hv = HvSettings.from_config(component.config)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: invalid {architecture} settings: {exc}") from exc
         load_state(network, bundle.load_weights(role), where=where)
@@ -206,7 +281,7 @@ class DenseMapNet:
             chosen = MapSettings(precision=precision or str(component.config.get("precision", "fp32")), tta=tta)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from exc
-        net = cls(network, mean=mean, std=std, settings=chosen, device=device, weights_sha256=component.sha256)
+        net = cls(network, mean=mean, std=std, settings=chosen, device=device, weights_sha256=component.sha256, hv=hv)
         return net, bundle, component
 
 
