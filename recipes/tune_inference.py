@@ -7,6 +7,9 @@ overrides), then scores a grid of (core_threshold, foreground_threshold) setting
 distance-core prompter and the watershed segmentor on those maps, and prints PQ, AJI and
 detection F1 for each.  The whole image is one tile here, so figures differ slightly from
 `wsiseg eval`; the ranking is what is used.
+
+A bundle with horizontal and vertical maps (`hv` in its config) is scored with its distance map
+folded by each of a few `HvSettings` (and unfolded, "none") and the core thresholds.
 """
 
 from __future__ import annotations
@@ -14,16 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 def main() -> None:
-    from skimage.segmentation import watershed
-
-    from wsiseg.metrics import mean_scores, score_instances
-    from wsiseg.models.tiny.maps import DISTANCE, FOREGROUND, DenseMapNet
-    from wsiseg.models.tiny.prompter import PeakSettings, core_points
+    from wsiseg.models.tiny.maps import N_MAPS, DenseMapNet, HvSettings, fold_hv
     from wsiseg.training.tiny import TinyRecipe, split_items, to_model_mpp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,10 +45,32 @@ def main() -> None:
     cases = []
     for item in chosen:
         image, labels = to_model_mpp(item, recipe.mpp, recipe.mpp_overrides.get(item.name))
-        maps = net.predict_maps(image[None])[0]
+        maps = net.predict_maps(image[None], fold=False)[0]
         cases.append((item, maps, labels))
         print(f"  {item.name}: {image.shape[1]}x{image.shape[0]} px", flush=True)
-    grid = itertools.product((0.4, 0.45, 0.5, 0.55, 0.6), (0.4, 0.5, 0.6))
+    if net.hv is None:
+        folds: list = [None]
+        grid = list(itertools.product((0.4, 0.45, 0.5, 0.55, 0.6), (0.4, 0.5, 0.6)))
+    else:
+        folds = [None, *(HvSettings(sigma, saturation) for sigma, saturation in
+                         ((1.0, 0.25), (1.0, 0.5), (1.0, 1.0), (2.0, 0.25), (2.0, 0.5)))]
+        grid = list(itertools.product((0.4, 0.5, 0.6), (0.5,)))
+    for hv in folds:
+        if hv is not None or net.hv is not None:
+            print(f"hv fold: {hv if hv is not None else 'none (the network distance map)'}", flush=True)
+        folded = [(item, fold_hv(maps[None], hv)[0] if hv else maps[:N_MAPS], labels) for item, maps, labels in cases]
+        score_grid(folded, grid, recipe)
+
+
+def score_grid(cases: list, grid: list, recipe: Any) -> None:
+    """Print the mean scores of each (core_threshold, foreground_threshold) of `grid` on
+    `cases` ((item, (3, H, W) maps, labels) each)."""
+    from skimage.segmentation import watershed
+
+    from wsiseg.metrics import mean_scores, score_instances
+    from wsiseg.models.tiny.maps import DISTANCE, FOREGROUND
+    from wsiseg.models.tiny.prompter import PeakSettings, core_points
+
     for core, fg in grid:
         settings = PeakSettings(threshold=recipe.threshold, min_distance_px=recipe.min_distance_px,
                                 foreground_threshold=fg, source="distance", core_threshold=core)

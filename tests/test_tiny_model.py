@@ -704,3 +704,179 @@ def test_sample_by_image_draws_every_image_alike_and_area_in_proportion_to_its_s
     assert list(TinyTask(by_image, *split_items(by_image)).weights) == pytest.approx([0.5, 0.5])
     with pytest.raises(ValueError, match="sample_by"):
         _recipe(tmp_path, sample_by="nucleus")
+
+
+# --------------------------------------------------------------------------- HoVer-Net's horizontal and vertical maps
+
+
+def _hv_probabilities(labels: np.ndarray, merged_distance: bool) -> np.ndarray:
+    """(5, H, W) maps a perfect HV network gives for `labels`: foreground, centre, distance (of
+    the union of all nuclei when merged_distance: a distance map that does not separate them),
+    then h and v as (1 + h) / 2."""
+    from wsiseg.training.targets import hv_maps
+
+    base = dense_targets((labels > 0).astype(np.int32) if merged_distance else labels).stack()
+    return np.concatenate([base, (1 + hv_maps(labels)) / 2]).astype(np.float32)
+
+
+def test_hv_maps_run_from_minus_one_to_one_across_each_nucleus_and_jump_between_touching_ones() -> None:
+    from wsiseg.training.targets import hv_maps
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 2:12] = 1
+    labels[5:15, 12:22] = 2
+    h, v = hv_maps(labels)
+    assert h.dtype == np.float32 and h.shape == labels.shape
+    np.testing.assert_allclose(h[8, 2:12], np.linspace(-1, 1, 10), atol=1e-6)  # left edge -1, right edge +1
+    assert h[8, 11] == 1 and h[8, 12] == -1  # the jump between the two
+    np.testing.assert_allclose(v[5:15, 6], np.linspace(-1, 1, 10), atol=1e-6)
+    assert not h[labels == 0].any() and not v[labels == 0].any()
+    one_column = np.zeros((5, 5), np.int32)
+    one_column[1:4, 2] = 7
+    assert not hv_maps(one_column)[0].any()  # no horizontal extent: 0, not a division by zero
+
+
+def test_folding_hv_maps_splits_touching_nuclei_that_the_distance_map_merges() -> None:
+    from wsiseg.metrics import score_instances
+    from wsiseg.models.tiny.maps import HvSettings, fold_hv
+
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((64, 64), np.int32)  # two discs of radius 10 whose centres are 14 px apart, cut at x = 31
+    labels[((yy - 32) ** 2 + (xx - 24) ** 2 <= 100) & (xx < 31)] = 1
+    labels[((yy - 32) ** 2 + (xx - 38) ** 2 <= 100) & (xx >= 31)] = 2
+    labels[(yy - 10) ** 2 + (xx - 52) ** 2 <= 25] = 3  # and a lone small one
+    settings = PeakSettings(threshold=0.0, source="distance", min_distance_px=4)
+    merged = _hv_probabilities(labels, merged_distance=True)
+    assert len(peak_points(merged[:3], settings)) == 2  # the distance map alone: the pair is one core
+    folded = fold_hv(merged[None], HvSettings())[0]
+    assert folded.shape == (3, 64, 64) and folded.dtype == np.float32
+    np.testing.assert_array_equal(folded[:2], merged[:2])  # foreground and centre pass through
+    points = peak_points(folded, settings)
+    assert len(points) == 3
+    order = [[i, *(j for j in range(3) if j != i)] for i in range(3)]  # each point, then the others as negatives
+    batch = PromptBatch(points.xy[order].astype(np.float64), np.array([[1, 0, 0]] * 3))
+    tm = watershed_masks(folded, batch, WatershedSettings(max_nucleus_diameter_px=64))
+    predicted = np.zeros(labels.shape, np.int32)
+    for i, (box, mask) in enumerate(zip(tm.bbox_px, tm.masks)):
+        view = predicted[box[1] : box[3], box[0] : box[2]]
+        assert not (view[mask] > 0).any()  # disjoint masks
+        view[mask] = i + 1
+    score = score_instances(predicted, labels, mpp=0.25)
+    assert score.tp == 3 and score.pq > 0.8
+    with pytest.raises(ValueError, match="saturation must be a number > 0"):
+        HvSettings(saturation=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        HvSettings.from_config({"hv": {"sigma": 1}})
+
+
+class _Gradients:
+    """A stand-in network whose h output is the horizontal gradient of the image's first channel
+    and v the vertical one (antisymmetric kernels): flipping the image negates them, as a trained
+    network's h and v are meant to be negated."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch import nn
+
+        self.config = type("Config", (), {"multiple": 4, "out_channels": 5})()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, 1] = torch.tensor([-1.0, 0.0, 1.0])
+            self.conv.weight[1, 0, :, 1] = torch.tensor([-1.0, 0.0, 1.0])
+
+    def to(self, *args: Any, **kwargs: Any) -> _Gradients:
+        return self
+
+    def eval(self) -> _Gradients:
+        return self
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        hv = self.conv(x[:, :1].float())
+        return torch.cat([torch.zeros_like(x), hv], dim=1)
+
+
+def test_tta_negates_a_flipped_tiles_h_and_v_maps() -> None:
+    from wsiseg.models.tiny.maps import DenseMapNet, HvSettings, MapSettings
+
+    tiles = np.random.default_rng(3).integers(0, 256, (1, 24, 24, 3), dtype=np.uint8)
+    plain = DenseMapNet(_Gradients(), hv=HvSettings(), weights_sha256="ab")  # type: ignore[arg-type]
+    tta = DenseMapNet(_Gradients(), settings=MapSettings(tta=True), hv=HvSettings(), weights_sha256="ab")  # type: ignore[arg-type]
+    want = plain.predict_maps(tiles, fold=False)
+    assert np.abs(want[0, 3:] - 0.5).max() > 0.2  # the stand-in's h and v are far from 0
+    got = tta.predict_maps(tiles, fold=False)
+    # borders aside (a flipped tile's edge is padded on the other side), the flips agree once negated
+    np.testing.assert_allclose(got[0, 3:, 1:-1, 1:-1], want[0, 3:, 1:-1, 1:-1], atol=1e-5)
+    assert plain.predict_maps(tiles).shape == (1, 3, 24, 24)
+    with pytest.raises(ValueError, match="5 outputs needs hv settings"):
+        DenseMapNet(_Gradients(), weights_sha256="ab")  # type: ignore[arg-type]
+
+
+def test_hv_loss_is_zero_for_perfect_maps_and_sobel_measures_slope_per_pixel(tmp_path: Path) -> None:
+    import torch
+
+    from wsiseg.training.tiny import TinyTask, sobel_along_axis, split_items
+
+    ramp = torch.arange(16.0).repeat(16, 1)[None, None].repeat(1, 2, 1, 1)  # rises 1 a pixel along x
+    slopes = sobel_along_axis(ramp)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # 2 px from the repeated edges
+    assert torch.allclose(slopes[inner][0, 0], torch.ones(12, 12)) and torch.allclose(slopes[0, 1], torch.zeros(16, 16))
+
+    recipe = _recipe(tmp_path, hv_weight=1.0, hv_gradient_weight=2.0)
+    task = TinyTask(recipe, *split_items(recipe))
+    assert task.model.config.out_channels == 5
+    images, targets = next(task.batches(0, np.random.default_rng(0), 1))
+    assert targets.shape == (2, 5, 64, 64) and targets[:, 3:].min() >= -1 and targets[:, 3:].max() <= 1
+    t = torch.from_numpy(targets)
+    perfect = torch.logit(((1 + t[:, 3:]) / 2).clamp(1e-6, 1 - 1e-6))
+    logits = torch.cat([torch.zeros(2, 3, 64, 64), perfect], dim=1)
+    terms = task.losses(logits, t)
+    assert float(terms["hv"]) < 1e-8 and float(terms["hv_gradient"]) < 1e-6
+    off = task.losses(torch.zeros(2, 5, 64, 64), t)  # h = v = 0 everywhere
+    assert float(off["hv"]) == pytest.approx(float((t[:, 3:] ** 2).mean()), rel=1e-5)
+    assert float(off["loss"]) == pytest.approx(
+        float(off["fg_bce"] + off["fg_dice"] + off["centre"] + 2 * off["distance"] + off["hv"] + 2 * off["hv_gradient"]),
+        rel=1e-5)
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="hv_weight must be a finite number"):
+            _recipe(tmp_path, hv_weight=bad)
+    with pytest.raises(ValueError, match="hv saturation"):
+        _recipe(tmp_path, hv_weight=1.0, hv_saturation=0.0)
+
+
+def test_a_three_map_bundle_starts_an_hv_run_with_its_maps_unchanged_and_an_hv_bundle_runs(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.tiny.maps import build_network
+    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.scheduling import SchedulerConfig
+    from wsiseg.training.loop import TrainingError
+    from wsiseg.training.tiny import TinyTask, split_items, train_tiny
+
+    first = train_tiny(_recipe(tmp_path, epochs=1, steps_per_epoch=2), tmp_path / "first", progress=False).bundle
+    sha = open_bundle(first).component("prompter").sha256
+    recipe = _recipe(tmp_path, init_bundle=str(first), init_sha256=sha, hv_weight=1.0, seed=5, epochs=1)
+    task = TinyTask(recipe, *split_items(recipe))
+    narrow = build_network({"levels": 3, "base_channels": 4})
+    narrow.load_state_dict(open_bundle(first).load_weights("prompter"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        five, three = task.model.eval()(x), narrow.eval()(x)
+    assert five.shape[1] == 5 and torch.allclose(five[:, :3], three, atol=1e-6)  # channels-last sums differ in rounding
+    assert five[:, 3:].abs().max() > 0  # fresh h and v outputs, not silent ones
+
+    hv_bundle = train_tiny(recipe, tmp_path / "hv", progress=False).bundle
+    config = json.loads((hv_bundle / "manifest.json").read_text())["components"]["segmentor"]["config"]
+    assert config["hv"] == {"sigma_px": 1.0, "saturation": 0.5}
+    hv_sha = open_bundle(hv_bundle).component("prompter").sha256
+    with pytest.raises(TrainingError, match="set hv_weight > 0"):
+        TinyTask(_recipe(tmp_path, init_bundle=str(hv_bundle), init_sha256=hv_sha), *split_items(recipe))
+    result = run_slide(tmp_path / "data" / "img11.png", tmp_path / "out",
+                       RunConfig(model=str(hv_bundle), mpp=0.25, tissue_detection=False, min_score=0.05,
+                                 scheduler=SchedulerConfig(scheduler="synchronous")))
+    assert result.n_nuclei >= 0 and result.geojson.exists()

@@ -225,10 +225,11 @@ class DenseMapNet:
         folded = f":hv{hv.sigma_px}/{hv.saturation}" if hv else ""
         self.map_key = f"{weights_sha256}:{self.precision}:{self.mean}:{self.std}{tta}{folded}" if weights_sha256 else None
 
-    def predict_maps(self, tiles: np.ndarray) -> np.ndarray:
+    def predict_maps(self, tiles: np.ndarray, *, fold: bool = True) -> np.ndarray:
         """tiles: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 (foreground, centre, distance);
         with `MapSettings.tta`, the mean of the maps of the tile and its flips (a flipped tile's
-        h or v map is negated as it is flipped back); with hv settings, folded by `fold_hv`."""
+        h or v map is negated as it is flipped back); with hv settings, folded by `fold_hv`
+        unless fold is False, which gives the network's own (B, 5, H, W) maps."""
         import torch
 
         tiles = tile_batches(tiles)
@@ -258,7 +259,7 @@ class DenseMapNet:
                 assert total is not None
                 mean = total[:, :, :height, :width] / len(TTA_FLIPS)
                 out[start : start + len(chunk)] = mean.cpu().numpy()
-        return fold_hv(out, self.hv) if self.hv is not None else out
+        return fold_hv(out, self.hv) if self.hv is not None and fold else out
 
     @classmethod
     def from_bundle(
