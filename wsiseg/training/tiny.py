@@ -283,7 +283,7 @@ class TinyTask:
         for _ in range(steps):
             picks = rng.choice(len(self.images), size=r.batch_size, p=self.weights)
             crops = [sample_window(*self.images[i], rng, r.crop_px, self.augment, r.centre_sigma_px, contact,
-                                   r.hv_weight > 0) for i in picks]
+                                   hv=r.hv_weight > 0) for i in picks]
             yield np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
     def network_config(self) -> dict[str, Any]:
@@ -547,5 +547,5 @@ def _run_settings(recipe: TinyRecipe) -> dict[str, Any]:
     the model card only shape the exported bundle, so they may)."""
     inference = {"threshold", "prompt_source", "core_threshold", "score", "min_distance_px", "foreground_threshold",
                  "max_nucleus_diameter_px", "nms_radius_px", "k_negatives", "context_px", "inference_precision",
-                 "tile_px", "card", "name", "version", "validate_every", "data", "data_mpp"}
+                 "tile_px", "card", "name", "version", "validate_every", "data", "data_mpp", "hv_sigma_px", "hv_saturation"}
     return {k: v for k, v in asdict(recipe).items() if k not in inference}
