@@ -52,6 +52,7 @@ def list_command(as_json: bool) -> None:
         rows: list[dict[str, Any]] = [
             {
                 "name": e.name,
+                "version": e.version,
                 "builtin": e.builtin,
                 "path": str(e.path) if e.path else None,
                 "components": dict(e.components),
@@ -72,11 +73,12 @@ def list_command(as_json: bool) -> None:
     width = max(len(n) for n in [e.name for e in entries] + [k.name for k in pullable]) + 2
     for e in entries:
         if e.builtin:
-            kind = "built-in"
+            kind = "built-in" + (f" {e.version}" if e.version else "")
         elif e.problem:
             kind = "BROKEN"
         else:
-            kind = "+".join(arch for _, arch in e.components) + (f" @ {e.mpp:g} mpp" if e.mpp else "")
+            kind = (f"{e.version} " if e.version else "") + "+".join(arch for _, arch in e.components)
+            kind += f" @ {e.mpp:g} mpp" if e.mpp else ""
         text = e.problem if e.problem else e.description
         click.echo(f"{e.name:<{width}}{kind:<24}{text}")
     if pullable:
@@ -145,6 +147,10 @@ def info_command(model: str, as_json: bool) -> None:
         click.echo(f"  cite: {citation}")
     if "source" in info:
         click.echo(f"  pulled from: {info['source'].get('url')}")
+
+
+# `wsiseg models show` is the same command: users reach for either word
+models.add_command(info_command, name="show")
 
 
 @models.command("import")

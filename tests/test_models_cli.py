@@ -220,12 +220,23 @@ def test_cli_list_and_info(tmp_path: Path) -> None:
     assert any(line.startswith("sam_vit_b") for line in lines)  # pullable
     listed = json.loads(run("list", "--json").output)
     assert {"wsiseg-tiny", "classical", "tiny", "sam_vit_b"} <= {row["name"] for row in listed}
+    # versions, from the manifests: the built-in bundle's, and the cached one's
+    from wsiseg.models.bundles import open_bundle
+    from wsiseg.models.cache import BUILTIN_BUNDLES
+
+    shipped = str(open_bundle(BUILTIN_BUNDLES["wsiseg-tiny"]).manifest.version)
+    cached = str(open_bundle(tmp_path / "b").manifest.version)
+    assert f"built-in {shipped} " in lines[0]
+    assert any(line.startswith("tiny") and f"{cached} sam @ 0.5 mpp" in line for line in lines)
+    versions = {row["name"]: row.get("version") for row in listed}
+    assert versions["wsiseg-tiny"] == shipped and versions["tiny"] == cached and versions["classical"] is None
 
     info = run("info", "tiny")
     assert info.exit_code == 0
     assert "mpp: 0.5 um/px" in info.output and "input size: 256 px" in info.output
     assert "segmentor: sam (vit_test)" in info.output and "0 Tumour (200, 0, 0)" in info.output
     assert json.loads(run("info", "tiny", "--json").output)["name"] == "tiny"
+    assert run("show", "tiny").output == info.output  # `show` is the same command
 
 
 def test_cli_info_shows_the_builtin_models_card() -> None:

@@ -59,7 +59,8 @@ class ModelEntry:
     """One model `wsiseg models list` shows.
 
     path: the bundle folder (None for built-ins).  components: (role, architecture) pairs.
-    problem: why a cached bundle does not open (None when it does).
+    problem: why a cached bundle does not open (None when it does).  version: the bundle
+    manifest's version (None for "classical", which has no weights, and broken bundles).
     """
 
     name: str
@@ -69,6 +70,7 @@ class ModelEntry:
     components: tuple[tuple[str, str], ...] = ()
     mpp: float | None = None
     problem: str | None = None
+    version: str | None = None
 
 
 def wsiseg_home() -> Path:
@@ -86,7 +88,8 @@ def list_bundles(*, include_builtin: bool = True) -> list[ModelEntry]:
 
     A cached folder that fails to open is listed with `problem` set instead of raising.
     """
-    entries = [ModelEntry(n, d, builtin=True) for n, d in BUILTIN_MODELS.items()] if include_builtin else []
+    entries = [ModelEntry(n, d, builtin=True, version=_builtin_version(n)) for n, d in BUILTIN_MODELS.items()]
+    entries = entries if include_builtin else []
     root = bundles_dir()
     if not root.is_dir():
         return entries
@@ -98,8 +101,15 @@ def list_bundles(*, include_builtin: bool = True) -> list[ModelEntry]:
             continue
         m = bundle.manifest
         comps = tuple((role, c.architecture) for role, c in m.components.items())
-        entries.append(ModelEntry(folder.name, m.description, folder, components=comps, mpp=float(m.mpp)))
+        entries.append(ModelEntry(folder.name, m.description, folder, components=comps, mpp=float(m.mpp),
+                                  version=str(m.version)))
     return entries
+
+
+def _builtin_version(name: str) -> str | None:
+    """The manifest version of a built-in bundle; None for "classical" (no bundle)."""
+    folder = BUILTIN_BUNDLES.get(name)
+    return str(open_bundle(folder).manifest.version) if folder is not None else None
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | Literal["classical"]:
