@@ -52,8 +52,8 @@ def main() -> None:
         folds: list = [None]
         grid = list(itertools.product((0.4, 0.45, 0.5, 0.55, 0.6), (0.4, 0.5, 0.6)))
     else:
-        folds = [None, *(HvSettings(sigma, saturation) for sigma, saturation in
-                         ((1.0, 0.25), (1.0, 0.5), (1.0, 1.0), (2.0, 0.25), (2.0, 0.5)))]
+        folds = [None, *(HvSettings(step, saturation) for step, saturation in
+                         ((1, 0.25), (1, 0.5), (1, 1.0), (2, 0.25), (2, 0.5)))]
         grid = list(itertools.product((0.4, 0.5, 0.6), (0.5,)))
     for hv in folds:
         if hv is not None or net.hv is not None:

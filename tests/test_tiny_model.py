@@ -767,6 +767,8 @@ def test_folding_hv_maps_splits_touching_nuclei_that_the_distance_map_merges() -
         HvSettings(saturation=0)
     with pytest.raises(ValueError, match="unknown keys"):
         HvSettings.from_config({"hv": {"sigma": 1}})
+    with pytest.raises(ValueError, match="step_px must be a whole number"):
+        HvSettings(step_px=0)
 
 
 class _Gradients:
@@ -872,7 +874,7 @@ def test_a_three_map_bundle_starts_an_hv_run_with_its_maps_unchanged_and_an_hv_b
 
     hv_bundle = train_tiny(recipe, tmp_path / "hv", progress=False).bundle
     config = json.loads((hv_bundle / "manifest.json").read_text())["components"]["segmentor"]["config"]
-    assert config["hv"] == {"sigma_px": 1.0, "saturation": 0.5}
+    assert config["hv"] == {"step_px": 1, "saturation": 0.5}
     hv_sha = open_bundle(hv_bundle).component("prompter").sha256
     with pytest.raises(TrainingError, match="set hv_weight > 0"):
         TinyTask(_recipe(tmp_path, init_bundle=str(hv_bundle), init_sha256=hv_sha), *split_items(recipe))

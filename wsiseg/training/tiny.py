@@ -112,10 +112,10 @@ class TinyRecipe:
     contact_px: int = 3
     #: HoVer-Net's horizontal and vertical maps as two more outputs (see the module docstring): the
     #: weight of their MSE (0: none) and of their derivatives' MSE, and the exported bundle's
-    #: `HvSettings` (sigma_px, saturation) that fold them into the distance map
+    #: `HvSettings` (step_px, saturation) that fold them into the distance map
     hv_weight: float = 0.0
     hv_gradient_weight: float = 2.0
-    hv_sigma_px: float = 1.0
+    hv_step_px: int = 1
     hv_saturation: float = 0.5
     #: how training crops are drawn: "area" (each image in proportion to its area at the model's
     #: mpp, so an image resampled 2x up is drawn 4x as often) or "image" (every image alike)
@@ -144,7 +144,7 @@ class TinyRecipe:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.hv_weight > 0:
-            HvSettings(self.hv_sigma_px, self.hv_saturation)  # checked here, not at export
+            HvSettings(self.hv_step_px, self.hv_saturation)  # checked here, not at export
         if self.sample_by not in ("area", "image"):
             raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:
@@ -291,7 +291,7 @@ class TinyTask:
         r = self.recipe
         config: dict[str, Any] = {"levels": r.levels, "base_channels": r.base_channels}
         if r.hv_weight > 0:
-            config["hv"] = {"sigma_px": r.hv_sigma_px, "saturation": r.hv_saturation}
+            config["hv"] = {"step_px": r.hv_step_px, "saturation": r.hv_saturation}
         return config
 
     def losses(self, logits: Any, targets: Any, teacher_maps: Any = None) -> dict[str, Any]:
@@ -547,5 +547,5 @@ def _run_settings(recipe: TinyRecipe) -> dict[str, Any]:
     the model card only shape the exported bundle, so they may)."""
     inference = {"threshold", "prompt_source", "core_threshold", "score", "min_distance_px", "foreground_threshold",
                  "max_nucleus_diameter_px", "nms_radius_px", "k_negatives", "context_px", "inference_precision",
-                 "tile_px", "card", "name", "version", "validate_every", "data", "data_mpp", "hv_sigma_px", "hv_saturation"}
+                 "tile_px", "card", "name", "version", "validate_every", "data", "data_mpp", "hv_step_px", "hv_saturation"}
     return {k: v for k, v in asdict(recipe).items() if k not in inference}

@@ -49,20 +49,21 @@ class HvSettings:
     """How a network's horizontal and vertical maps (h, v in [-1, 1]; `wsiseg.training.targets.hv_maps`)
     cut its distance map.  Inside a nucleus h rises from left to right and v from top to bottom;
     where they fall, the pixel lies between two nuclei (or on a nucleus' edge).  The edge
-    strength is max(-dh/dx, -dv/dy, 0) / saturation, clipped to [0, 1], the derivatives
-    (per pixel) those of Gaussian-smoothed maps (sigma_px); the distance map becomes
+    strength is max(-dh/dx, -dv/dy, 0) / saturation, clipped to [0, 1], the derivatives (per
+    pixel) central differences over +-step_px pixels; the distance map becomes
     distance x (1 - edge).  HoVer-Net (Graham et al., Medical Image Analysis 58, 2019) takes the
     Sobel gradients' magnitude, normalised per tile; the falling part alone ignores the rise
     inside every nucleus, and a fixed scale keeps a nucleus' maps independent of its tile."""
 
-    sigma_px: float = 1.0
+    step_px: int = 1
     saturation: float = 0.5
 
     def __post_init__(self) -> None:
-        for key in ("sigma_px", "saturation"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"hv {key} must be a number > 0, got {value!r}")
+        if not isinstance(self.step_px, int) or isinstance(self.step_px, bool) or self.step_px < 1:
+            raise ValueError(f"hv step_px must be a whole number of pixels >= 1, got {self.step_px!r}")
+        value = self.saturation
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"hv saturation must be a number > 0, got {value!r}")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HvSettings | None:
@@ -71,27 +72,28 @@ class HvSettings:
         if table is None:
             return None
         if not isinstance(table, dict):
-            raise ValueError(f"hv must be a table (sigma_px, saturation), got {table!r}")
-        unknown = sorted(set(table) - {"sigma_px", "saturation"})
+            raise ValueError(f"hv must be a table (step_px, saturation), got {table!r}")
+        unknown = sorted(set(table) - {"step_px", "saturation"})
         if unknown:
-            raise ValueError(f"hv has unknown keys {unknown} (known: sigma_px, saturation)")
+            raise ValueError(f"hv has unknown keys {unknown} (known: step_px, saturation)")
         return cls(**table)
 
 
 def fold_hv(maps: np.ndarray, hv: HvSettings) -> np.ndarray:
     """(B, 5, H, W) float32 probabilities (foreground, centre, distance, h, v as (1 + h) / 2) ->
     (B, 3, H, W) float32: foreground, centre and the distance cut by the edge strength of
-    `HvSettings`.  The derivatives use the tile's own pixels only (scipy's Gaussian derivative,
-    edges repeated), so a pixel's value depends on its neighbourhood, not on the tile."""
-    from scipy import ndimage as ndi
-
+    `HvSettings`.  The differences use the tile's own pixels only (edges repeated), so a pixel's
+    value depends on its neighbourhood, not on the tile."""
     out = np.ascontiguousarray(maps[:, :N_MAPS], dtype=np.float32)
-    for b in range(len(maps)):
-        # d((1 + h) / 2)/dx = dh/dx / 2
-        dh = ndi.gaussian_filter(maps[b, HORIZONTAL], hv.sigma_px, order=(0, 1), mode="nearest")
-        dv = ndi.gaussian_filter(maps[b, VERTICAL], hv.sigma_px, order=(1, 0), mode="nearest")
-        falling = -2 * np.minimum(np.minimum(dh, dv), 0)
-        out[b, DISTANCE] *= 1 - np.minimum(falling / hv.saturation, 1)
+    k = hv.step_px
+    # h = 2p - 1, so dh/dx = 2 dp/dx = (p[x + k] - p[x - k]) / k
+    h = np.pad(maps[:, HORIZONTAL], ((0, 0), (0, 0), (k, k)), mode="edge")
+    v = np.pad(maps[:, VERTICAL], ((0, 0), (k, k), (0, 0)), mode="edge")
+    falling = np.minimum(h[:, :, 2 * k :] - h[:, :, : -2 * k], v[:, 2 * k :] - v[:, : -2 * k])
+    edge = np.clip(falling, None, 0, out=falling)
+    edge *= -1 / (k * hv.saturation)
+    np.minimum(edge, 1, out=edge)
+    out[:, DISTANCE] *= 1 - edge
     return out
 
 
@@ -222,7 +224,7 @@ class DenseMapNet:
         self.hv = hv
         #: equal for two nets that give the same maps (same weights file, precision, tta); None: unknown
         tta = ":tta" if settings.tta else ""
-        folded = f":hv{hv.sigma_px}/{hv.saturation}" if hv else ""
+        folded = f":hv{hv.step_px}/{hv.saturation}" if hv else ""
         self.map_key = f"{weights_sha256}:{self.precision}:{self.mean}:{self.std}{tta}{folded}" if weights_sha256 else None
 
     def predict_maps(self, tiles: np.ndarray, *, fold: bool = True) -> np.ndarray:
