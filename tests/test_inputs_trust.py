@@ -289,6 +289,24 @@ def test_ome_pixel_size_in_an_unknown_unit_is_a_reason_not_a_guess(tmp_path: Pat
     assert props.mpp is None and "unknown unit" in (props.mpp_problem or "")
 
 
+def test_every_reader_keeps_the_files_own_resolution_beside_an_override(
+    tmp_path: Path, svs_slide: Path, no_mpp_tiff: Path
+) -> None:
+    """`check` warns about an --mpp far from the file's own from `file_mpp`, without a second open."""
+    ome = tmp_path / "he.ome.tif"
+    _write_ome(ome, np.full((512, 512, 3), 200, np.uint8), size=250.0)
+    png_tif = tmp_path / "cm.tif"
+    tifffile.imwrite(png_tif, np.full((32, 48, 3), 90, np.uint8), photometric="rgb",
+                     resolution=(1e4 / 0.4, 1e4 / 0.4), resolutionunit="CENTIMETER")
+    cases = [(svs_slide, "openslide"), (svs_slide, "tiffslide"), (ome, None), (png_tif, None)]
+    for path, backend in cases:
+        own = open_slide(path, backend=backend).properties
+        assert own.mpp is not None and own.file_mpp == own.mpp, path
+        replaced = open_slide(path, backend=backend, mpp=1.0).properties
+        assert replaced.mpp == (1.0, 1.0) and replaced.file_mpp == pytest.approx(own.mpp), (path, backend)
+    assert open_slide(no_mpp_tiff, mpp=0.5).properties.file_mpp is None  # the file states none
+
+
 def test_ome_pixel_size_is_checked_against_the_objective() -> None:
     xml = (
         '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Instrument ID="Instrument:0">'

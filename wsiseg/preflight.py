@@ -205,7 +205,7 @@ def _check_slide(entry: SlideEntry, model: LoadedModel, runner: Any) -> SlideChe
         base = replace(base, tissue_area_mm2=round(tissue.area_l0 * mm2_per_px, 4))
         warnings = _resolution_warnings(slide_mpp, model.segmentor.mpp)
         if override is not None:
-            warnings += _override_warnings(entry.path, slide_mpp, source)
+            warnings += _override_warnings(reader.properties.file_mpp, slide_mpp, source)
         if tissue.is_empty:
             warnings.append("no tissue detected, so a run finds no nuclei; run with --no-tissue-detection or --roi")
             return replace(base, verdict="warning", reasons=tuple(warnings), tiles_prompter=0, tiles_segmentor=0,
@@ -355,20 +355,11 @@ def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int],
     return n_prompter, n_segmentor
 
 
-def _override_warnings(path: Path, mpp: float, source: str) -> list[str]:
+def _override_warnings(own_xy: tuple[float, float] | None, mpp: float, source: str) -> list[str]:
     """A warning when `source`'s mpp ("--mpp" or "manifest") replaces a plausible resolution the
-    file states that differs from it by more than MPP_OVERRIDE_WARNING_RATIO: right for a
-    mislabelled scan, a typo otherwise.  Nothing when the file states none or an implausible one."""
-    from wsiseg.readers import open_slide
-
-    try:
-        reader = open_slide(path)
-    except Exception:  # the file's own resolution is refused (or unreadable): nothing to compare
-        return []
-    try:
-        own_xy = reader.properties.mpp
-    finally:
-        reader.close()
+    file states (own_xy, `SlideProperties.file_mpp`) that differs from it by more than
+    MPP_OVERRIDE_WARNING_RATIO: right for a mislabelled scan, a typo otherwise.  Nothing when the
+    file states none or an implausible one (own_xy None)."""
     if not own_xy:
         return []
     own = float(np.mean(own_xy))

@@ -54,6 +54,8 @@ class SlideProperties:
         it says is not plausible (see wsiseg.readers.resolution).
     bounds_l0: (x, y, width, height) of the non-empty region (openslide.bounds-*), or None.
     mpp_problem: why the file's resolution is not used (one clause), when it holds one.
+    file_mpp: the plausible resolution the file itself states (x, y; µm per level-0 pixel), even
+        when an mpp override replaces it in `mpp`; None when it states none or an implausible one.
     """
 
     path: Path
@@ -66,6 +68,7 @@ class SlideProperties:
     bounds_l0: tuple[int, int, int, int] | None
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     mpp_problem: str | None = None
+    file_mpp: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.level_dimensions:

@@ -69,6 +69,7 @@ class ImageReader(BaseSlideReader):
             objective_power=None,
             bounds_l0=None,
             mpp_problem=reading.problem,
+            file_mpp=file_mpp.mpp,
         )
 
     def _inspect_tiff(self) -> tuple[int, int, MppReading]:

@@ -150,6 +150,7 @@ class OmeTiffReader(BaseSlideReader):
                 extra={"ome.series": str(index), "ome.series-name": str(chosen.name or ""),
                        "ome.series-count": str(len(series))},
                 mpp_problem=reading.problem,
+                file_mpp=file_reading.mpp,
             )  # fmt: skip
             self._series = chosen
             self._levels: dict[int, Any] = {}

@@ -50,7 +50,8 @@ def properties_from_metadata(
 
     power = number("objective-power")
     power = power if power and power > 0 and math.isfinite(power) else None
-    reading = mpp_from_override(mpp_override) or _file_mpp(metadata, prefix, power)
+    file_reading = _file_mpp(metadata, prefix, power)
+    reading = mpp_from_override(mpp_override) or file_reading
     bx, by, bw, bh = (number(f"bounds-{k}") for k in ("x", "y", "width", "height"))
     bounds = None
     if bx is not None and by is not None and bw is not None and bh is not None:
@@ -66,6 +67,7 @@ def properties_from_metadata(
         bounds_l0=bounds,
         extra={str(k): str(v) for k, v in metadata.items() if v is not None},
         mpp_problem=reading.problem,
+        file_mpp=file_reading.mpp,
     )
 
 
