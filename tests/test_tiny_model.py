@@ -748,7 +748,9 @@ def test_folding_hv_maps_splits_touching_nuclei_that_the_distance_map_merges() -
     settings = PeakSettings(threshold=0.0, source="distance", min_distance_px=4)
     merged = _hv_probabilities(labels, merged_distance=True)
     assert len(peak_points(merged[:3], settings)) == 2  # the distance map alone: the pair is one core
+    before = merged.copy()
     folded = fold_hv(merged[None], HvSettings())[0]
+    np.testing.assert_array_equal(merged, before)  # the input maps are left as they were
     assert folded.shape == (3, 64, 64) and folded.dtype == np.float32
     np.testing.assert_array_equal(folded[:2], merged[:2])  # foreground and centre pass through
     points = peak_points(folded, settings)

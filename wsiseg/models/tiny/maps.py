@@ -84,7 +84,7 @@ def fold_hv(maps: np.ndarray, hv: HvSettings) -> np.ndarray:
     (B, 3, H, W) float32: foreground, centre and the distance cut by the edge strength of
     `HvSettings`.  The differences use the tile's own pixels only (edges repeated), so a pixel's
     value depends on its neighbourhood, not on the tile."""
-    out = np.ascontiguousarray(maps[:, :N_MAPS], dtype=np.float32)
+    out = np.array(maps[:, :N_MAPS], dtype=np.float32)  # a copy: the input stays as it was
     k = hv.step_px
     # h = 2p - 1, so dh/dx = 2 dp/dx = (p[x + k] - p[x - k]) / k
     h = np.pad(maps[:, HORIZONTAL], ((0, 0), (0, 0), (k, k)), mode="edge")
