@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 from html.parser import HTMLParser
@@ -88,6 +89,28 @@ def test_manifest_gives_run_per_slide_mpp_and_output_name(tmp_path: Path, no_mpp
     assert _refs(out / "summary.html").hrefs == ["case-7.report.html"]
     again = CliRunner().invoke(main, ["run", str(manifest), "-o", str(out), *FAST])
     assert again.exit_code == 0 and "already done" in again.output  # the requested name is the slide's name
+
+
+def test_an_mpp_far_from_the_files_own_is_warned_in_the_report_and_the_summary(
+    tmp_path: Path, svs_slide: Path
+) -> None:
+    """The file says 0.5 µm/px: a run given 1 (a typo, or a mislabelled scan) says so where a
+    cohort's results are read, as `wsiseg check` does; a run given the file's own value does not."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(out), "--mpp", "1", *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / f"{svs_slide.stem}.report.json").read_text())
+    assert report["mpp"] == 1 and report["file_mpp"] == pytest.approx(0.5)
+    warning = "--mpp (or the slide manifest's mpp) 1 µm/px replaces the file's own 0.5 (2.0x coarser)"
+    [row] = _csv_rows(out / "summary.csv")
+    assert warning in row["warnings"]
+    assert warning in html.unescape((out / f"{svs_slide.stem}.report.html").read_text())
+    assert warning in html.unescape((out / "summary.html").read_text())
+    agreeing = tmp_path / "agreeing"
+    result = CliRunner().invoke(main, ["run", str(svs_slide), "-o", str(agreeing), "--mpp", "0.5", *FAST])
+    assert result.exit_code == 0, result.output
+    [row] = _csv_rows(agreeing / "summary.csv")
+    assert "replaces the file's own" not in row["warnings"]
 
 
 def test_bad_manifest_is_a_usage_error_before_any_work(tmp_path: Path) -> None:

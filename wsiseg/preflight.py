@@ -38,8 +38,6 @@ DENSITY_THUMBNAIL_PX = 512
 SAMPLE_SIDE_UM = 128.0
 #: Sample windows, spread over the tissue's range of optical density (`_sample_boxes`).
 SAMPLE_WINDOWS = 4
-#: --mpp (or a manifest's mpp) differing from the file's own by more than this factor is a warning.
-MPP_OVERRIDE_WARNING_RATIO = 1.1
 #: Share of the memory available now above which the estimated peak is a warning.
 MEMORY_WARNING_SHARE = 0.8
 
@@ -356,19 +354,12 @@ def _plan_tiles(scaled: Any, tissue: Any, prompter: Any, counts: dict[str, int],
 
 
 def _override_warnings(own_xy: tuple[float, float] | None, mpp: float, source: str) -> list[str]:
-    """A warning when `source`'s mpp ("--mpp" or "manifest") replaces a plausible resolution the
-    file states (own_xy, `SlideProperties.file_mpp`) that differs from it by more than
-    MPP_OVERRIDE_WARNING_RATIO: right for a mislabelled scan, a typo otherwise.  Nothing when the
-    file states none or an implausible one (own_xy None)."""
-    if not own_xy:
-        return []
-    own = float(np.mean(own_xy))
-    ratio = max(mpp, own) / min(mpp, own)
-    if ratio <= MPP_OVERRIDE_WARNING_RATIO:
-        return []
-    given = "--mpp" if source == "--mpp" else "the manifest's mpp"
-    return [f"{given} {mpp:g} µm/px replaces the file's own {own:g} ({ratio:.1f}x "
-            f"{'coarser' if mpp > own else 'finer'}): right only if the file is mislabelled"]
+    """`wsiseg.readers.resolution.override_warning` for `source`'s mpp ("--mpp" or "manifest")
+    against the file's own (own_xy, `SlideProperties.file_mpp`), as a list."""
+    from wsiseg.readers.resolution import override_warning
+
+    warning = override_warning(mpp, own_xy, "--mpp" if source == "--mpp" else "the manifest's mpp")
+    return [warning] if warning else []
 
 
 def _resolution_warnings(slide_mpp: float, model_mpp: float) -> list[str]:

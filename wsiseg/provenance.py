@@ -100,6 +100,8 @@ def build_report(
         "vendor": props.vendor,
         "size_l0": list(props.size_l0),
         "mpp": props.mpp[0] if props.mpp else config.mpp,
+        # the resolution the file states (None: none, or an implausible one); differs from mpp under --mpp
+        "file_mpp": float(props.file_mpp[0]) if getattr(props, "file_mpp", None) else None,
         "model": {
             "segmentor": getattr(segmentor, "name", "?"),
             "prompter": getattr(prompter, "name", None) if prompter else "file",

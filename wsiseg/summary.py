@@ -137,7 +137,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _warnings(report: dict[str, Any]) -> tuple[str, ...]:
-    """The report's own warnings when it lists them; else those its counts imply."""
+    """The report's own warnings when it lists them; else those its counts and its resolution
+    imply (`wsiseg.writers.report.mpp_warnings`)."""
+    from wsiseg.writers.report import mpp_warnings
+
     listed = report.get("warnings")
     if isinstance(listed, list):
         return tuple(str(w.get("message", w)) if isinstance(w, dict) else str(w) for w in listed)
@@ -149,6 +152,8 @@ def _warnings(report: dict[str, Any]) -> tuple[str, ...]:
         found.append(f"{counts['nuclei_touching_tile_edge']} nuclei reached their tile's edge")
     if counts.get("unreadable_tiles"):
         found.append(f"{counts['unreadable_tiles']} tiles could not be read")
+    mpp = report.get("mpp")
+    found += mpp_warnings(report, float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) else None)
     return tuple(found)
 
 

@@ -16,6 +16,8 @@ Plausibility rules:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 import re
 from dataclasses import dataclass
@@ -180,3 +182,23 @@ def upsampling_warning(slide_mpp: float | None, model_mpp: float | None) -> str 
         return None
     return (f"the slide ({slide_mpp:.3g} µm/px) is {slide_mpp / model_mpp:.1f}x coarser than the model's "
             f"{model_mpp:.3g} µm/px: nuclei are upsampled and small ones may be missed")
+
+
+#: An mpp given to a run (--mpp or a slide manifest's) that differs from the file's own by more
+#: than this factor is a warning in `wsiseg check` and in the run's report.
+MPP_OVERRIDE_WARNING_RATIO = 1.1
+
+
+def override_warning(mpp: float | None, file_mpp: Sequence[float] | None, given: str = "--mpp") -> str | None:
+    """One sentence when `mpp`, given to a run in place of the file's own plausible resolution
+    `file_mpp` ((x, y) µm/px, `SlideProperties.file_mpp`), differs from it by more than
+    MPP_OVERRIDE_WARNING_RATIO: right for a mislabelled scan, a typo otherwise.  given: how the
+    value was given ("--mpp", "the manifest's mpp").  None when the two agree or either is unknown."""
+    if not mpp or not file_mpp:
+        return None
+    own = float(sum(file_mpp) / len(file_mpp))
+    ratio = max(mpp, own) / min(mpp, own)
+    if ratio <= MPP_OVERRIDE_WARNING_RATIO:
+        return None
+    return (f"{given} {mpp:g} µm/px replaces the file's own {own:g} ({ratio:.1f}x "
+            f"{'coarser' if mpp > own else 'finer'}): right only if the file is mislabelled")

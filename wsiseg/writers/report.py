@@ -212,8 +212,6 @@ def report_warnings(
     mpp: float | None,
 ) -> list[str]:
     """What a reader should know before trusting the slide's numbers, one sentence each."""
-    from wsiseg.readers.resolution import MAX_NUCLEUS_MPP, upsampling_warning
-
     out = [str(w) for w in report.get("warnings", []) or []] if isinstance(report.get("warnings"), list) else []
     unreadable = report.get(UNREADABLE_TILES_KEY)
     if isinstance(unreadable, list) and unreadable:
@@ -235,15 +233,7 @@ def report_warnings(
             f"{100 * low_score_share:.0f} % of nuclei score below {LOW_SCORE}: the model is unsure on much of "
             "this slide (staining, focus or tissue type it was not trained on); check the crops."
         )
-    if mpp is not None and not MIN_SCAN_MPP <= mpp <= MAX_NUCLEUS_MPP:
-        out.append(
-            f"The resolution, {mpp:.4g} µm/px, is outside what scanners give for nuclei "
-            f"({MIN_SCAN_MPP}-{MAX_NUCLEUS_MPP} µm/px); if it is wrong, rerun with --mpp."
-        )
-    model = report.get("model")
-    upsampled = upsampling_warning(mpp, model.get("mpp") if isinstance(model, Mapping) else None)
-    if upsampled:
-        out.append(upsampled[0].upper() + upsampled[1:] + " (the same warning as `wsiseg check`).")
+    out += mpp_warnings(report, mpp)
     lo, hi = PLAUSIBLE_MEDIAN_AREA_UM2
     if median_area_um2 is not None and n_nuclei >= 20 and not lo <= median_area_um2 <= hi:
         out.append(
@@ -255,6 +245,31 @@ def report_warnings(
                    "part done after the resume (the nuclei are those of an uninterrupted run).")
     if n_nuclei == 0:
         out.append("No nuclei were found: check the tissue outline and the region of interest.")
+    return out
+
+
+def mpp_warnings(report: Mapping[str, Any], mpp: float | None) -> list[str]:
+    """The warnings about the slide's resolution `mpp` (µm/px) a report implies: outside what
+    scanners give, replacing the file's own (`file_mpp`) by far, or far coarser than the model's
+    (`model.mpp`); the last two are `wsiseg check`'s own.  Used by the HTML page and the cohort
+    summary."""
+    from wsiseg.readers.resolution import MAX_NUCLEUS_MPP, override_warning, upsampling_warning
+
+    out = []
+    if mpp is not None and not MIN_SCAN_MPP <= mpp <= MAX_NUCLEUS_MPP:
+        out.append(
+            f"The resolution, {mpp:.4g} µm/px, is outside what scanners give for nuclei "
+            f"({MIN_SCAN_MPP}-{MAX_NUCLEUS_MPP} µm/px); if it is wrong, rerun with --mpp."
+        )
+    file_mpp = report.get("file_mpp")
+    own = (file_mpp, file_mpp) if isinstance(file_mpp, (int, float)) and not isinstance(file_mpp, bool) else None
+    replaced = override_warning(mpp, own, "--mpp (or the slide manifest's mpp)")
+    if replaced:
+        out.append(replaced + " (the same warning as `wsiseg check`).")
+    model = report.get("model")
+    upsampled = upsampling_warning(mpp, model.get("mpp") if isinstance(model, Mapping) else None)
+    if upsampled:
+        out.append(upsampled[0].upper() + upsampled[1:] + " (the same warning as `wsiseg check`).")
     return out
 
 
