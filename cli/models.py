@@ -128,6 +128,10 @@ def info_command(model: str, as_json: bool) -> None:
         click.echo(f"  {role}: {arch}, {comp['weights']['file']} ({_mib(comp['size_bytes'])})")
         click.echo(f"    sha256: {comp['weights']['sha256']}")
     prompter = info["components"].get("prompter", {})
+    hv = prompter.get("config", {}).get("hv")
+    if isinstance(hv, dict):
+        click.echo(f"  horizontal/vertical maps: cut the distance map where they fall (step {hv.get('step_px')} px, "
+                   f"saturation {hv.get('saturation')})")
     if prompter.get("architecture") == "tiny_prompter" and "threshold" in prompter.get("config", {}):
         click.echo(f"  score threshold (the default --min-score): {prompter['config']['threshold']:g}")
     networks = [c for c in info["components"].values() if c.get("architecture") in TTA_ARCHITECTURES]

@@ -121,6 +121,10 @@ def test_list_bundles_shows_builtins_cached_and_broken_bundles(tmp_path: Path, h
     (home / "bundles" / "broken").mkdir()
     entries = {e.name: e for e in list_bundles()}
     assert entries["classical"].builtin and entries["classical"].path is None
+    shipped = entries["wsiseg-tiny"]  # a bundle inside the package: its folder, parts and mpp are listed
+    assert shipped.builtin and shipped.path is not None and (shipped.path / "manifest.json").is_file()
+    assert dict(shipped.components) == {"prompter": "tiny_prompter", "segmentor": "tiny_segmentor"}
+    assert shipped.mpp == 0.25
     good = entries["good"]
     assert dict(good.components) == {"prompter": "unet_prompter", "segmentor": "sam"}
     assert good.mpp == 0.5 and good.problem is None

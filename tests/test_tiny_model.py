@@ -846,8 +846,10 @@ def test_hv_loss_is_zero_for_perfect_maps_and_sobel_measures_slope_per_pixel(tmp
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="hv_weight must be a finite number"):
             _recipe(tmp_path, hv_weight=bad)
-    with pytest.raises(ValueError, match="hv saturation"):
+    with pytest.raises(ValueError, match="hv_saturation must be a number > 0"):
         _recipe(tmp_path, hv_weight=1.0, hv_saturation=0.0)
+    with pytest.raises(ValueError, match="hv_step_px must be a whole number"):
+        _recipe(tmp_path, hv_weight=1.0, hv_step_px=1.5)
 
 
 def test_a_three_map_bundle_starts_an_hv_run_with_its_maps_unchanged_and_an_hv_bundle_runs(tmp_path: Path) -> None:
@@ -877,6 +879,13 @@ def test_a_three_map_bundle_starts_an_hv_run_with_its_maps_unchanged_and_an_hv_b
     hv_bundle = train_tiny(recipe, tmp_path / "hv", progress=False).bundle
     config = json.loads((hv_bundle / "manifest.json").read_text())["components"]["segmentor"]["config"]
     assert config["hv"] == {"step_px": 1, "saturation": 0.5}
+    from click.testing import CliRunner
+
+    from wsiseg.cli.models import models
+
+    shown = CliRunner().invoke(models, ["info", str(hv_bundle)])
+    assert shown.exit_code == 0 and "horizontal/vertical maps: cut the distance map" in shown.output
+    assert "horizontal and vertical maps" in shown.output  # the description says so too
     hv_sha = open_bundle(hv_bundle).component("prompter").sha256
     with pytest.raises(TrainingError, match="set hv_weight > 0"):
         TinyTask(_recipe(tmp_path, init_bundle=str(hv_bundle), init_sha256=hv_sha), *split_items(recipe))

@@ -88,8 +88,7 @@ def list_bundles(*, include_builtin: bool = True) -> list[ModelEntry]:
 
     A cached folder that fails to open is listed with `problem` set instead of raising.
     """
-    entries = [ModelEntry(n, d, builtin=True, version=_builtin_version(n)) for n, d in BUILTIN_MODELS.items()]
-    entries = entries if include_builtin else []
+    entries = [_builtin_entry(n, d) for n, d in BUILTIN_MODELS.items()] if include_builtin else []
     root = bundles_dir()
     if not root.is_dir():
         return entries
@@ -106,10 +105,15 @@ def list_bundles(*, include_builtin: bool = True) -> list[ModelEntry]:
     return entries
 
 
-def _builtin_version(name: str) -> str | None:
-    """The manifest version of a built-in bundle; None for "classical" (no bundle)."""
+def _builtin_entry(name: str, description: str) -> ModelEntry:
+    """A built-in model's entry: with its bundle's folder, components, mpp and version when it
+    ships as a bundle ("classical" has none)."""
     folder = BUILTIN_BUNDLES.get(name)
-    return str(open_bundle(folder).manifest.version) if folder is not None else None
+    if folder is None:
+        return ModelEntry(name, description, builtin=True)
+    m = open_bundle(folder).manifest
+    comps = tuple((role, c.architecture) for role, c in m.components.items())
+    return ModelEntry(name, description, folder, builtin=True, components=comps, mpp=float(m.mpp), version=str(m.version))
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | Literal["classical"]:

@@ -144,7 +144,10 @@ class TinyRecipe:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.hv_weight > 0:
-            HvSettings(self.hv_step_px, self.hv_saturation)  # checked here, not at export
+            try:  # checked here, not at export
+                HvSettings(self.hv_step_px, self.hv_saturation)
+            except ValueError as exc:  # named as the recipe's keys
+                raise ValueError(str(exc).replace("hv step_px", "hv_step_px").replace("hv saturation", "hv_saturation")) from exc
         if self.sample_by not in ("area", "image"):
             raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:
@@ -360,7 +363,8 @@ class TinyTask:
         return {
             "name": r.name,
             "version": r.version,
-            "description": "one UNet's foreground, centre and distance maps at "
+            "description": "one UNet's foreground, centre and distance maps"
+            f"{' (cut where its horizontal and vertical maps fall)' if r.hv_weight > 0 else ''} at "
             f"{r.mpp} µm/px; {'distance-core' if r.prompt_source == 'distance' else 'centre-peak'} prompter, "
             "seeded-watershed segmentor",
             "mpp": r.mpp,
