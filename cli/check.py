@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-_COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj", "tissue mm²", "tiles", "nuclei",
+_COLUMNS = ("slide", "reader", "vendor", "size", "levels", "mpp (source)", "obj", "tissue mm²", "tiles (p+s)", "nuclei",
             "time", "peak mem", "verdict")
 
 
@@ -123,7 +123,9 @@ def _cells(c: Any) -> list[str]:
         mpp = f"{c.mpp:.4g} ({c.mpp_source})"
     else:
         mpp = "missing" if c.reader is not None else dash
-    tiles = dash if c.tiles_prompter is None else str(c.tiles_prompter + (c.tiles_segmentor or 0))
+    # the two stages' tiles, prompter + segmentor (one stage when the segmentor has none of its own)
+    tiles = dash if c.tiles_prompter is None else (
+        f"{c.tiles_prompter}+{c.tiles_segmentor}" if c.tiles_segmentor else str(c.tiles_prompter))
     return [
         Path(c.path).name, c.reader or dash, c.vendor or dash, size, dash if c.levels is None else str(c.levels), mpp,
         f"{c.objective_power:g}x" if c.objective_power else dash,

@@ -111,6 +111,20 @@ def _plain(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))
 
 
+def _row_text(row: dict[str, Any]) -> str:
+    """One epoch's metrics row as "loss 0.7287, fg_bce 0.1887, ..., lr 0.00062, train_s 158"."""
+    parts = []
+    for key, value in row.items():
+        if key == "epoch":
+            continue
+        if isinstance(value, float):
+            text = f"{value:.0f}" if key.endswith("_s") else f"{value:.3g}" if key == "lr" else f"{value:.4f}"
+        else:
+            text = str(value)
+        parts.append(f"{key} {text}")
+    return ", ".join(parts)
+
+
 def _write_logs(out_dir: Path, history: list[dict[str, Any]]) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     keys: list[str] = []
@@ -241,7 +255,7 @@ def fit(
             else:
                 since_best += 1
         history.append(row)
-        log.info("epoch %s", row)
+        log.info("epoch %d/%d: %s", epoch + 1, config.epochs, _row_text(row))
         _atomic_save(
             {
                 "model": task.model.state_dict(),
