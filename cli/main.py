@@ -357,7 +357,8 @@ def _run_cohort(slides: list[Path], out_dir: Path, config: Any, kw: dict[str, An
                     note = f" ({bad} unreadable tiles painted as background, listed in {result.report.name})" if bad else ""
                     if result.report_data.get("resumed"):
                         note += " (resumed: the interrupted run's finished tiles were reused)"
-                    click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}")
+                    click.echo(f"{slide.name}: {n_nuclei:,} nuclei{note} -> {result.geojson}, {result.zarr}, "
+                               f"{result.report_html}")
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a SLURM walltime, `kill`): stop cleanly
             signal_name = getattr(exc, "signal_name", "SIGINT")
             if current is not None and ledger.entries.get(str(current), {}).get("state") == "running":

@@ -893,3 +893,15 @@ def test_a_three_map_bundle_starts_an_hv_run_with_its_maps_unchanged_and_an_hv_b
                        RunConfig(model=str(hv_bundle), mpp=0.25, tissue_detection=False, min_score=0.05,
                                  scheduler=SchedulerConfig(scheduler="synchronous")))
     assert result.n_nuclei >= 0 and result.geojson.exists()
+
+
+def test_a_misspelt_recipe_key_is_refused_with_the_closest_known_one(tmp_path: Path) -> None:
+    from wsiseg.training.tiny import TinyRecipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = "x"\n[train]\nhv_weigth = 1.0\nepochs = 2\n')
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['hv_weigth'\] \('hv_weigth': did you mean 'hv_weight'\?\)"):
+        TinyRecipe.from_toml(recipe)
+    recipe.write_text('data = "x"\nzzzz = 1\n')
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['zzzz'\] \(known: "):  # nothing close: no guess
+        TinyRecipe.from_toml(recipe)

@@ -114,7 +114,7 @@ class TrainSettings:
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(flat) - known)
             if unknown:
-                raise ValueError(f"{recipe}: unknown recipe keys {unknown} (known: {sorted(known)})")
+                raise ValueError(f"{recipe}: {unknown_keys_message(unknown, known)}")
             if "data" in flat and not Path(str(flat["data"])).is_absolute():
                 flat["data"] = str((Path(recipe).parent / str(flat["data"])).resolve())
         flat.update({k: v for k, v in options.items() if v is not None})
@@ -179,3 +179,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 def pipeline_device(device: torch.device) -> str:
     """The `RunConfig.device` string for validation runs on `device`."""
     return "cuda" if device.type == "cuda" else "cpu"
+
+
+def unknown_keys_message(unknown: list[str], known: set[str]) -> str:
+    """"unknown recipe keys [...]" with the closest known key for each (difflib's ratio >= 0.6),
+    then every known key."""
+    import difflib
+
+    hints = [f"{key!r}: did you mean {close[0]!r}?" for key in unknown
+             if (close := difflib.get_close_matches(key, sorted(known), n=1))]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"unknown recipe keys {unknown}{hint} (known: {sorted(known)})"

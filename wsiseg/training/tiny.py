@@ -39,6 +39,7 @@ from wsiseg.datasets.item import NucleusItem
 from wsiseg.models.tiny.maps import N_MAPS, PRECISIONS, HvSettings
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
+from wsiseg.training.settings import unknown_keys_message
 from wsiseg.training.targets import contact_map, dense_targets, hv_maps
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class TinyRecipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(flat) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown recipe keys {unknown} (known: {sorted(known)})")
+            raise ValueError(f"{path}: {unknown_keys_message(unknown, known)}")
         flat.update({k: v for k, v in overrides.items() if v is not None})
         data = Path(str(flat.get("data", "")))
         if not data.is_absolute():
