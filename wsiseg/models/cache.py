@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from wsiseg.models.bundles import MANIFEST, BundleError, open_bundle, sha256_of_file
+from wsiseg.models.bundles import MANIFEST, Bundle, BundleError, open_bundle, sha256_of_file
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -98,22 +98,26 @@ def list_bundles(*, include_builtin: bool = True) -> list[ModelEntry]:
         except BundleError as exc:
             entries.append(ModelEntry(folder.name, "", folder, problem=str(exc)))
             continue
-        m = bundle.manifest
-        comps = tuple((role, c.architecture) for role, c in m.components.items())
-        entries.append(ModelEntry(folder.name, m.description, folder, components=comps, mpp=float(m.mpp),
-                                  version=str(m.version)))
+        entries.append(_bundle_entry(folder.name, bundle, folder))
     return entries
 
 
 def _builtin_entry(name: str, description: str) -> ModelEntry:
-    """A built-in model's entry: with its bundle's folder, components, mpp and version when it
-    ships as a bundle ("classical" has none)."""
+    """A built-in model's entry: its bundle's, with the built-in description, when it ships as a
+    bundle ("classical" has none)."""
     folder = BUILTIN_BUNDLES.get(name)
     if folder is None:
         return ModelEntry(name, description, builtin=True)
-    m = open_bundle(folder).manifest
+    return _bundle_entry(name, open_bundle(folder), folder, description=description, builtin=True)
+
+
+def _bundle_entry(name: str, bundle: Bundle, folder: Path, *, description: str | None = None, builtin: bool = False) -> ModelEntry:
+    """The entry of an opened bundle in `folder`: components, mpp and version from its manifest;
+    its manifest's description unless one is given."""
+    m = bundle.manifest
     comps = tuple((role, c.architecture) for role, c in m.components.items())
-    return ModelEntry(name, description, folder, builtin=True, components=comps, mpp=float(m.mpp), version=str(m.version))
+    return ModelEntry(name, m.description if description is None else description, folder, builtin=builtin,
+                      components=comps, mpp=float(m.mpp), version=str(m.version))
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | Literal["classical"]:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.datasets.item import NucleusItem
-from wsiseg.models.tiny.maps import N_MAPS, PRECISIONS, HvSettings
+from wsiseg.models.tiny.maps import N_MAPS, PRECISIONS, check_hv
 from wsiseg.training.augment import AugmentConfig, augment_pair, rescale
 from wsiseg.training.loop import FitResult, LoopConfig, TrainingError, fit
 from wsiseg.training.settings import unknown_keys_message
@@ -135,20 +135,15 @@ class TinyRecipe:
             raise ValueError("distill_weight > 0 needs a teacher: set teacher_bundle and teacher_sha256, or distill_weight = 0")
         if self.teacher_bundle and self.distill_weight == 0:
             raise ValueError("a teacher_bundle needs distill_weight > 0 (e.g. 1.0), or remove teacher_bundle")
-        weight_ok = isinstance(self.contact_weight, (int, float)) and not isinstance(self.contact_weight, bool)
-        if not weight_ok or not math.isfinite(self.contact_weight) or self.contact_weight < 0:
-            raise ValueError(f"contact_weight must be a finite number >= 0 (e.g. 4.0; 0: off), got {self.contact_weight!r}")
-        if not isinstance(self.contact_px, int) or isinstance(self.contact_px, bool) or self.contact_px < 1:
-            raise ValueError(f"contact_px must be a whole number of pixels >= 1 (e.g. 3), got {self.contact_px!r}")
-        for key in ("hv_weight", "hv_gradient_weight"):
+        for key, example in (("contact_weight", "e.g. 4.0; 0: off"), ("hv_weight", "e.g. 1.0; 0: off"),
+                             ("hv_gradient_weight", "e.g. 2.0")):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-        if self.hv_weight > 0:
-            try:  # checked here, not at export
-                HvSettings(self.hv_step_px, self.hv_saturation)
-            except ValueError as exc:  # named as the recipe's keys
-                raise ValueError(str(exc).replace("hv step_px", "hv_step_px").replace("hv saturation", "hv_saturation")) from exc
+                raise ValueError(f"{key} must be a finite number >= 0 ({example}), got {value!r}")
+        if not isinstance(self.contact_px, int) or isinstance(self.contact_px, bool) or self.contact_px < 1:
+            raise ValueError(f"contact_px must be a whole number of pixels >= 1 (e.g. 3), got {self.contact_px!r}")
+        if self.hv_weight > 0:  # checked here, not at export
+            check_hv(self.hv_step_px, self.hv_saturation, names=("hv_step_px", "hv_saturation"))
         if self.sample_by not in ("area", "image"):
             raise ValueError(f"sample_by must be 'area' or 'image', got {self.sample_by!r}")
         if self.data_mpp < 0:

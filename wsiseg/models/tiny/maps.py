@@ -59,11 +59,7 @@ class HvSettings:
     saturation: float = 0.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.step_px, int) or isinstance(self.step_px, bool) or self.step_px < 1:
-            raise ValueError(f"hv step_px must be a whole number of pixels >= 1, got {self.step_px!r}")
-        value = self.saturation
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"hv saturation must be a number > 0, got {value!r}")
+        check_hv(self.step_px, self.saturation)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HvSettings | None:
@@ -77,6 +73,16 @@ class HvSettings:
         if unknown:
             raise ValueError(f"hv has unknown keys {unknown} (known: step_px, saturation)")
         return cls(**table)
+
+
+def check_hv(step_px: Any, saturation: Any, names: tuple[str, str] = ("hv step_px", "hv saturation")) -> None:
+    """Raise ValueError unless step_px is a whole number >= 1 and saturation a finite number > 0
+    (`HvSettings`); names: how the message calls them (a recipe's keys are hv_step_px, hv_saturation)."""
+    if not isinstance(step_px, int) or isinstance(step_px, bool) or step_px < 1:
+        raise ValueError(f"{names[0]} must be a whole number of pixels >= 1, got {step_px!r}")
+    if not isinstance(saturation, (int, float)) or isinstance(saturation, bool) or not math.isfinite(saturation) \
+            or saturation <= 0:
+        raise ValueError(f"{names[1]} must be a number > 0, got {saturation!r}")
 
 
 def fold_hv(maps: np.ndarray, hv: HvSettings) -> np.ndarray:
